@@ -6,6 +6,7 @@ Public ops:
 """
 
 from attnzoo.kernels.attention import attention
+from attnzoo.kernels.attention.op import SCORES
 from attnzoo.kernels.backend import BACKENDS
 
-__all__ = ["BACKENDS", "attention"]
+__all__ = ["BACKENDS", "SCORES", "attention"]

@@ -1,0 +1,161 @@
+"""``attention``: the public dense attention op on the shared fused kernel.
+
+The forward and backward are ``torch.library`` custom ops (``attnzoo::attention_fwd`` /
+``attnzoo::attention_bwd``) with fake (meta) implementations and an autograd rule, so the op is a
+single graph node under ``torch.compile(fullgraph=True)``, ``torch.export``, FX and TorchScript
+tracing. The ``backend`` string picks the implementation inside the op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnzoo.kernels import validate
+from attnzoo.kernels.attention import torch_impl
+from attnzoo.kernels.attention.reference import attention_reference
+from attnzoo.kernels.backend import resolve_backend
+
+SCORES = ("softmax", "sigmoid")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_MAX_HEAD_DIM = 256
+
+
+def _triton():
+    # Imported on first use: keeps `import attnzoo` free of Triton and lets tests set TRITON_INTERPRET.
+    from attnzoo.kernels.attention import triton_kernel
+
+    return triton_kernel
+
+
+@torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, score: str,
+    sigmoid_bias: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (B, H, N, D), k/v: (B, H_kv, M, D) -> (out like q, lse (B, H, N))."""
+    if backend == "triton":
+        return _triton().attention_fwd(q, k, v, causal, scale, score, sigmoid_bias)
+    return torch_impl.attention_fwd(q, k, v, causal, scale, score, sigmoid_bias)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, causal, scale, score, sigmoid_bias, backend):
+    lse_dtype = torch.float32 if backend == "triton" else torch_impl.lse_dtype(q.dtype)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+
+
+@torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float, score: str, sigmoid_bias: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of ``attention_fwd``'s output given its upstream gradient ``do``."""
+    if backend == "triton":
+        return _triton().attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias)
+    return torch_impl.attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = params
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do.contiguous(), q, k, v, out, lse, *ctx.params)
+    return dq, dk, dv, *(None,) * len(ctx.params)
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, backend: str | None) -> str:
+    layout_q, layout_kv = "(B, H, N, D)", "(B, H_kv, M, D)"
+    validate.check_tensor("q", q, 4, layout_q)
+    validate.check_tensor("k", k, 4, layout_kv)
+    validate.check_tensor("v", v, 4, layout_kv)
+    validate.check_same("dtype", (("q", q), ("k", k), ("v", v)))
+    validate.check_same("device", (("q", q), ("k", k), ("v", v)))
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape (B, H_kv, M, D); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}; they must match")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k/v head dim D={k.shape[-1]} must equal q's head dim D={q.shape[-1]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"q has H={q.shape[1]} heads, k/v have H_kv={k.shape[1]}; H must be a multiple of H_kv (GQA/MQA)")
+    resolved = resolve_backend(backend, q.device)
+    if resolved == "triton":
+        if q.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports dtypes {_TRITON_DTYPES}; got q.dtype={q.dtype}")
+        if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+            raise ValueError(
+                f"backend='triton' supports head dim D in [1, {_TRITON_MAX_HEAD_DIM}]; got D={q.shape[-1]}")
+    return resolved
+
+
+def _autocast(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, run in the autocast dtype like SDPA does (the caller asked for it)."""
+    device = ts[0].device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) for t in ts)
+    return ts
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    score: str = "softmax",
+    sigmoid_bias: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Dense multi-head attention on the shared fused kernel.
+
+    Args:
+        q: (B, H, N, D) queries.
+        k, v: (B, H_kv, M, D) keys and values; H must be a multiple of H_kv (GQA/MQA). N != M is
+            cross attention.
+        causal: query i sees keys j <= i (top-left aligned, as in ``F.scaled_dot_product_attention``).
+        scale: logit scale, default 1/sqrt(D).
+        score: ``"softmax"`` or ``"sigmoid"`` (FlashSigmoid-style: ``sigmoid(q·k*scale + sigmoid_bias) @ v``,
+            no normalization).
+        sigmoid_bias: additive logit bias for sigmoid scoring, default ``-log(M)``.
+        backend: ``None`` (Triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"`` or ``"reference"``.
+
+    Returns:
+        (B, H, N, D) output in q's dtype.
+    """
+    resolved = _check_inputs(q, k, v, backend)
+    validate.check_choice("score", score, SCORES)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal={causal!r} must be a bool")
+    scale = validate.check_scale(scale, q.shape[-1])
+    if score == "softmax":
+        if sigmoid_bias is not None:
+            raise ValueError(
+                f"sigmoid_bias={sigmoid_bias!r} is only accepted with score='sigmoid' (got score='softmax')")
+        bias = 0.0
+    else:
+        bias = -math.log(k.shape[2]) if sigmoid_bias is None else validate.check_finite("sigmoid_bias", sigmoid_bias)
+    q, k, v = _autocast(q, k, v)
+    if resolved == "reference":
+        return attention_reference(q, k, v, causal=causal, scale=scale, score=score, sigmoid_bias=bias)
+    out, _ = attention_fwd(q, k, v, causal, scale, score, bias, resolved)
+    return out

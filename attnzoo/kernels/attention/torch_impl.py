@@ -1,0 +1,113 @@
+"""The ``torch`` implementation of the fused attention op: exact, any device, no (N, M) matrix
+larger than one query chunk. On CPU, dense softmax attention goes to ATen's fused flash kernel."""
+
+from __future__ import annotations
+
+import torch
+
+# Scores held at once per chunk (elements); bounds memory to ~64 MB of fp32 scores.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved log-sum-exp: fp32, or fp64 for fp64 inputs."""
+    return _compute_dtype(dtype)
+
+
+def _use_aten_flash(q: torch.Tensor, score: str) -> bool:
+    return q.device.type == "cpu" and score == "softmax"
+
+
+def _expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
+    return t if group == 1 else t.repeat_interleave(group, 1)
+
+
+def _chunks(q: torch.Tensor, m: int):
+    """Query ranges so that one chunk's scores stay within the memory budget."""
+    b, h, n = q.shape[:3]
+    step = max(1, min(n, _CHUNK_ELEMENTS // max(1, b * h * m)))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _probs(s: torch.Tensor, start: int, causal: bool, score: str, bias: float, lse: torch.Tensor | None):
+    """Probabilities for scores ``s`` (B, Hkv, G, c, M) of queries [start, start + c)."""
+    if causal:
+        rows = torch.arange(start, start + s.shape[-2], device=s.device)[:, None]
+        hidden = torch.arange(s.shape[-1], device=s.device)[None, :] > rows
+    if score == "softmax":
+        if causal:
+            s = s.masked_fill(hidden, float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(s, -1)
+        return torch.exp(s - lse[..., None]), lse
+    p = torch.sigmoid(s + bias)
+    return (p.masked_fill(hidden, 0.0) if causal else p), None
+
+
+def _grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
+    """(B, H, N, X) -> (B, H_kv, G, N, X) view."""
+    return t.view(t.shape[0], hkv, t.shape[1] // hkv, *t.shape[2:])
+
+
+def attention_fwd(q, k, v, causal, scale, score, sigmoid_bias):
+    """q: (B, H, N, D), k/v: (B, H_kv, M, D) -> out (B, H, N, D), lse (B, H, N)."""
+    group = q.shape[1] // k.shape[1]
+    if _use_aten_flash(q, score):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, _expand_kv(k, group), _expand_kv(v, group), 0.0, causal, scale=scale)
+        # ATen lays both out heads-second in memory; the op's contract is contiguous (B, H, N, ...).
+        return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+    cdt = _compute_dtype(q.dtype)
+    hkv = k.shape[1]
+    qg = _grouped(q, hkv)
+    kt, vc = k.to(cdt).transpose(-1, -2).unsqueeze(2), v.to(cdt).unsqueeze(2)
+    out = torch.empty_like(q)
+    lse = torch.zeros(q.shape[:3], device=q.device, dtype=cdt)
+    og, lg = _grouped(out, hkv), _grouped(lse, hkv)
+    for a, b in _chunks(q, k.shape[2]):
+        s = (qg[:, :, :, a:b].to(cdt) @ kt) * scale
+        p, chunk_lse = _probs(s, a, causal, score, sigmoid_bias, None)
+        og[:, :, :, a:b] = (p @ vc).to(q.dtype)
+        if chunk_lse is not None:
+            lg[:, :, :, a:b] = chunk_lse
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias):
+    """Gradients (dq, dk, dv) recomputed per query chunk from the saved ``lse``."""
+    group = q.shape[1] // k.shape[1]
+    if _use_aten_flash(q, score):
+        ke, ve = _expand_kv(k, group), _expand_kv(v, group)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do.contiguous(), q, ke, ve, out, lse.float() if q.dtype != torch.float64 else lse, 0.0, causal,
+            scale=scale)
+        if group > 1:
+            dk = _grouped(dk, k.shape[1]).sum(2)
+            dv = _grouped(dv, k.shape[1]).sum(2)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+    cdt = _compute_dtype(q.dtype)
+    hkv = k.shape[1]
+    qg, dog, og, lg = _grouped(q, hkv), _grouped(do, hkv), _grouped(out, hkv), _grouped(lse, hkv)
+    kc, vc = k.to(cdt).unsqueeze(2), v.to(cdt).unsqueeze(2)
+    dq = torch.empty_like(q)
+    dqg = _grouped(dq, hkv)
+    dk = torch.zeros(k.shape, device=k.device, dtype=cdt)
+    dv = torch.zeros(v.shape, device=v.device, dtype=cdt)
+    for a, b in _chunks(q, k.shape[2]):
+        qc, doc = qg[:, :, :, a:b].to(cdt), dog[:, :, :, a:b].to(cdt)
+        s = (qc @ kc.transpose(-1, -2)) * scale
+        p, _ = _probs(s, a, causal, score, sigmoid_bias, lg[:, :, :, a:b] if score == "softmax" else None)
+        dp = doc @ vc.transpose(-1, -2)
+        if score == "softmax":
+            delta = (doc * og[:, :, :, a:b].to(cdt)).sum(-1, keepdim=True)
+            ds = p * (dp - delta)
+        else:
+            ds = p * (1 - p) * dp
+        dv += (p.transpose(-1, -2) @ doc).sum(2)
+        dk += (ds.transpose(-1, -2) @ qc).sum(2) * scale
+        dqg[:, :, :, a:b] = ((ds @ kc) * scale).to(q.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

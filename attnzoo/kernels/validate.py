@@ -1,0 +1,50 @@
+"""Up-front argument checks shared by the ops. Every message names the argument, its value and
+the accepted range."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)} ({t.dim()} dims)")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}.dtype={t.dtype} is not supported; expected one of {FLOAT_DTYPES}")
+    if any(s == 0 for s in t.shape):
+        raise ValueError(f"{name} has an empty dimension: shape {tuple(t.shape)}; every dim must be >= 1")
+    return t
+
+
+def check_same(attr: str, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """All tensors agree on ``attr`` (dtype or device)."""
+    values = {name: getattr(t, attr) for name, t in named}
+    if len(set(values.values())) > 1:
+        listing = ", ".join(f"{n}.{attr}={v}" for n, v in values.items())
+        raise ValueError(f"{', '.join(values)} must share one {attr}; got {listing}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {tuple(choices)}")
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale={scale!r} must be a finite float > 0 (or None for 1/sqrt(D)={head_dim**-0.5:.4g})")
+    return float(scale)
+
+
+def check_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite float")
+    return float(value)

@@ -1,0 +1,1 @@
+"""Training: data loading, LightningModules and DataModules, the ``attnzoo`` CLI, the demo job."""

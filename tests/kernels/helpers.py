@@ -1,0 +1,36 @@
+"""Shared test utilities for the kernel tests: error measure, inputs, output poisoning."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative-error bounds vs the float64 reference (design §4).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf."""
+    out, ref = out.double(), ref.double().to(out.device)
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def randn(*shape: int, dtype: torch.dtype, device: str, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def leaf64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy of ``t`` (with the same rounded values) that requires grad."""
+    return t.detach().cpu().double().requires_grad_()
+
+
+def poison_allocations(monkeypatch) -> None:
+    """Make torch.empty/empty_like return NaN-filled memory so unwritten outputs are caught."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
