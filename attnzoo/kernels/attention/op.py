@@ -18,8 +18,6 @@ from attnzoo.kernels.attention.reference import attention_reference
 from attnzoo.kernels.backend import resolve_backend
 
 SCORES = ("softmax", "sigmoid")
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_MAX_HEAD_DIM = 256
 
 
 def _triton():
@@ -36,7 +34,8 @@ def attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (B, H, N, D), k/v: (B, H_kv, M, D) -> (out like q, lse (B, H, N))."""
     if backend == "triton":
-        return _triton().attention_fwd(q, k, v, causal, scale, score, sigmoid_bias)
+        tk = _triton()
+        return tk.attention_fwd(q, k, v, tk.dense_geometry(q, k, causal), scale, score, sigmoid_bias)
     return torch_impl.attention_fwd(q, k, v, causal, scale, score, sigmoid_bias)
 
 
@@ -53,7 +52,9 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_fwd``'s output given its upstream gradient ``do``."""
     if backend == "triton":
-        return _triton().attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias)
+        tk = _triton()
+        return tk.attention_bwd(do, q, k, v, out, lse, tk.dense_geometry(q, k, causal), scale, score,
+                                sigmoid_bias)[:3]
     return torch_impl.attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias)
 
 
@@ -80,29 +81,10 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, backend: str | None) -> str:
-    layout_q, layout_kv = "(B, H, N, D)", "(B, H_kv, M, D)"
-    validate.check_tensor("q", q, 4, layout_q)
-    validate.check_tensor("k", k, 4, layout_kv)
-    validate.check_tensor("v", v, 4, layout_kv)
-    validate.check_same("dtype", (("q", q), ("k", k), ("v", v)))
-    validate.check_same("device", (("q", q), ("k", k), ("v", v)))
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape (B, H_kv, M, D); got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}; they must match")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k/v head dim D={k.shape[-1]} must equal q's head dim D={q.shape[-1]}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"q has H={q.shape[1]} heads, k/v have H_kv={k.shape[1]}; H must be a multiple of H_kv (GQA/MQA)")
+    validate.check_qkv(q, k, v, spatial=1, same_grid=False)
     resolved = resolve_backend(backend, q.device)
     if resolved == "triton":
-        if q.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"backend='triton' supports dtypes {_TRITON_DTYPES}; got q.dtype={q.dtype}")
-        if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-            raise ValueError(
-                f"backend='triton' supports head dim D in [1, {_TRITON_MAX_HEAD_DIM}]; got D={q.shape[-1]}")
+        validate.check_triton_inputs(q)
     return resolved
 
 

@@ -19,16 +19,20 @@ dQ per query tile. ``SCORE`` 1 switches to sigmoid scoring (FlashSigmoid-style, 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from attnzoo.kernels.backend import triton_interpreting
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-MODE_DENSE = 0
+_LOG2E = 1.4426950408889634
+# Kernels may only read constexpr globals.
+LOG2E = tl.constexpr(_LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
+MODE_DENSE = tl.constexpr(0)
+MODE_NEIGHBORHOOD = tl.constexpr(1)
 SCORES = {"softmax": 0, "sigmoid": 1}
 
 
@@ -58,73 +62,191 @@ def _tile_origin(tile, S1, S2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.conste
 
 
 @triton.jit
-def _kv_box(o0, o1, o2, QS0, QS1, QS2, KS0, KS1, KS2,
-            QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
-            MODE: tl.constexpr, CAUSAL: tl.constexpr):
-    """Per-axis [lo, hi) key range visible to the query tile at origin (o0, o1, o2)."""
+def _axis_window(j, Lg, K, ST, CAUSAL: tl.constexpr):
+    """NATTEN window [lo, hi) in group units for group index j in a group of length Lg (see semantics.py)."""
+    if CAUSAL:
+        leader = tl.minimum((j // ST) * ST + ST - 1, Lg - 1)
+        lo = tl.maximum(leader - K + 1, 0)
+        hi = j + 1
+    else:
+        leader = tl.minimum((j // ST) * ST + ST // 2, Lg - 1)
+        lo = tl.minimum(tl.maximum(leader - K // 2, 0), Lg - K)
+        hi = lo + K
+    return lo, hi
+
+
+@triton.jit
+def _axis_visible(qc, kc, S, K, DL, ST, CAUSAL: tl.constexpr):
+    """(M, N) mask: key coordinate kc lies in the window of query coordinate qc on one axis."""
+    r = qc % DL
+    lo, hi = _axis_window(qc // DL, (S - r + DL - 1) // DL, K, ST, CAUSAL)
+    t = kc // DL
+    return ((kc[None, :] % DL) == r[:, None]) & (t[None, :] >= lo[:, None]) & (t[None, :] < hi[:, None])
+
+
+@triton.jit
+def _axis_kv_range(o, T: tl.constexpr, S, K, DL, ST, CAUSAL: tl.constexpr):
+    """[lo, hi) key coordinates seen by query coordinates [o, o + T) on one axis.
+
+    Windows are non-decreasing in the group index and the group length, so the first query of the
+    shortest group and the last query of the longest group bound them.
+    """
+    lo, _ = _axis_window(o // DL, S // DL, K, ST, CAUSAL)
+    _, hi = _axis_window((tl.minimum(o + T, S) - 1) // DL, (S + DL - 1) // DL, K, ST, CAUSAL)
+    return lo * DL, tl.minimum(hi * DL, S)
+
+
+@triton.jit
+def _axis_q_range(o, T: tl.constexpr, S, K, DL, ST, CAUSAL: tl.constexpr):
+    """[lo, hi) query coordinates whose windows reach key coordinates [o, o + T): the inverse neighborhood.
+
+    Inverts the monotone window ends: the first query whose window end passes t_min, the last whose
+    window start is <= t_max (all queries when the border clamp lets every window reach t_max).
+    """
+    t_min = o // DL
+    t_max = (tl.minimum(o + T, S) - 1) // DL
+    lg_min = S // DL
+    lg_max = (S + DL - 1) // DL
+    if CAUSAL:
+        j0 = t_min
+        reach_all = lg_min - 1 <= t_max + K - 1
+        j1 = (t_max + K - ST) // ST * ST + ST - 1
+    else:
+        kl = K // 2
+        a = tl.maximum(t_min - K + 1 + kl - ST // 2, 0)
+        j0 = tl.where(t_min - K + 1 <= 0, 0, (a + ST - 1) // ST * ST)
+        reach_all = (t_max >= lg_min - K) | (lg_min - 1 <= t_max + kl)
+        j1 = (t_max + kl - ST // 2) // ST * ST + ST - 1
+    j1 = tl.where(reach_all, lg_max - 1, tl.minimum(j1, lg_max - 1))
+    return j0 * DL, tl.minimum((j1 + 1) * DL, S)
+
+
+@triton.jit
+def _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+            QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr):
+    """Per-axis [lo, hi) key box visible to the query tile at origin (o0, o1, o2)."""
+    if MODE == MODE_NEIGHBORHOOD:
+        lo0, hi0 = _axis_kv_range(o0, QT0, KS0, NK0, DL0, ST0, (CAUSAL >> 0) & 1)
+        lo1, hi1 = _axis_kv_range(o1, QT1, KS1, NK1, DL1, ST1, (CAUSAL >> 1) & 1)
+        lo2, hi2 = _axis_kv_range(o2, QT2, KS2, NK2, DL2, ST2, (CAUSAL >> 2) & 1)
+        return lo0, hi0, lo1, hi1, lo2, hi2
     hi2 = KS2
-    if MODE == 0:
-        if CAUSAL:  # dense causal is defined on 1-D token grids
-            hi2 = tl.minimum(o2 + QT2, KS2)
+    if CAUSAL:  # dense causal is defined on 1-D token grids
+        hi2 = tl.minimum(o2 + QT2, KS2)
     return 0, KS0, 0, KS1, 0, hi2
 
 
 @triton.jit
-def _q_box(o0, o1, o2, QS0, QS1, QS2, KS0, KS1, KS2,
-           KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
-           MODE: tl.constexpr, CAUSAL: tl.constexpr):
+def _q_box(o0, o1, o2, QS0, QS1, QS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+           KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr):
     """Per-axis [lo, hi) range of queries that can see some key of the key tile at (o0, o1, o2)."""
+    if MODE == MODE_NEIGHBORHOOD:
+        lo0, hi0 = _axis_q_range(o0, KT0, QS0, NK0, DL0, ST0, (CAUSAL >> 0) & 1)
+        lo1, hi1 = _axis_q_range(o1, KT1, QS1, NK1, DL1, ST1, (CAUSAL >> 1) & 1)
+        lo2, hi2 = _axis_q_range(o2, KT2, QS2, NK2, DL2, ST2, (CAUSAL >> 2) & 1)
+        return lo0, hi0, lo1, hi1, lo2, hi2
     lo2 = 0
-    if MODE == 0:
-        if CAUSAL:
-            lo2 = o2
+    if CAUSAL:
+        lo2 = o2
     return 0, QS0, 0, QS1, lo2, QS2
 
 
 @triton.jit
-def _visible(qc0, qc1, qc2, qflat, kc0, kc1, kc2, kflat, MODE: tl.constexpr, CAUSAL: tl.constexpr):
+def _visible(qc0, qc1, qc2, qflat, kc0, kc1, kc2, kflat, S0, S1, S2, NK0, NK1, NK2, DL0, DL1, DL2,
+             ST0, ST1, ST2, MODE: tl.constexpr, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask of which keys each query sees (bounds are handled by the caller)."""
-    vis = (qflat[:, None] >= 0) & (kflat[None, :] >= 0)
-    if MODE == 0:
-        if CAUSAL:
-            vis = kflat[None, :] <= qflat[:, None]
+    if MODE == MODE_NEIGHBORHOOD:
+        vis = _axis_visible(qc2, kc2, S2, NK2, DL2, ST2, (CAUSAL >> 2) & 1)
+        vis &= _axis_visible(qc1, kc1, S1, NK1, DL1, ST1, (CAUSAL >> 1) & 1)
+        vis &= _axis_visible(qc0, kc0, S0, NK0, DL0, ST0, (CAUSAL >> 0) & 1)
+    elif CAUSAL:
+        vis = kflat[None, :] <= qflat[:, None]
+    else:
+        vis = (qflat[:, None] >= 0) & (kflat[None, :] >= 0)
     return vis
 
 
 @triton.jit
+def _rpb_index(qc0, qc1, qc2, kc0, kc1, kc2, NK0, NK1, NK2, DL0, DL1, DL2):
+    """Flat index into an (H, 2k0-1, 2k1-1, 2k2-1) bias table: per-axis (t_key - j_query) + k - 1."""
+    i0 = kc0[None, :] // DL0 - qc0[:, None] // DL0 + NK0 - 1
+    i1 = kc1[None, :] // DL1 - qc1[:, None] // DL1 + NK1 - 1
+    i2 = kc2[None, :] // DL2 - qc2[:, None] // DL2 + NK2 - 1
+    return (i0 * (2 * NK1 - 1) + i1) * (2 * NK2 - 1) + i2
+
+
+@triton.jit
 def _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
-    """First tile index per axis and tile counts covering a box."""
+    """First tile index per axis and tile counts covering a box (a count <= 0 means empty)."""
     f0 = lo0 // T0
     f1 = lo1 // T1
     f2 = lo2 // T2
     n0 = tl.cdiv(hi0, T0) - f0
     n1 = tl.cdiv(hi1, T1) - f1
     n2 = tl.cdiv(hi2, T2) - f2
-    return f0, f1, f2, n0, n1, n2
+    return f0, f1, f2, tl.maximum(n0, 0), tl.maximum(n1, 0), tl.maximum(n2, 0)
 
 
 @triton.jit
-def _scores(q, k, qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, scale_log2, bias_log2,
-            MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr):
-    """Masked scores in log2 units: softmax logits (-inf where hidden) or sigmoid probabilities."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    vis = qvalid[:, None] & kvalid[None, :] & _visible(qc0, qc1, qc2, qflat, kc0, kc1, kc2, kflat, MODE, CAUSAL)
+def _scores(q, k, vis, bias, scale_log2, sig_bias_log2, SCORE: tl.constexpr, PRECISION: tl.constexpr):
+    """Masked scores in log2 units: softmax logits (-inf where hidden) or sigmoid probabilities (0 where hidden).
+
+    ``bias`` (log2 units) is the relative-position bias, or 0.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias
     if SCORE == 0:
         s = tl.where(vis, s, float("-inf"))
     else:
-        s = tl.where(vis, 1.0 / (1.0 + tl.exp2(-(s + bias_log2))), 0.0)
+        s = tl.where(vis, 1.0 / (1.0 + tl.exp2(-(s + sig_bias_log2))), 0.0)
     return s
 
 
 @triton.jit
+def _softmax_step(m, l, acc, s, v, SCORE: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one key tile's scores ``s`` and values ``v`` into the running (max, sum, accumulator)."""
+    if SCORE == 0:
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m = m_new
+    else:
+        p = s
+    acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m, l, acc
+
+
+@triton.jit
+def _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, RPBh,
+                KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_RPB: tl.constexpr):
+    """Visibility mask, bias (log2 units) and bias-table index of a (query tile, key tile) pair."""
+    vis = qvalid[:, None] & kvalid[None, :] & _visible(
+        qc0, qc1, qc2, qflat, kc0, kc1, kc2, kflat, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
+        ST0, ST1, ST2, MODE, CAUSAL)
+    if HAS_RPB:
+        idx = _rpb_index(qc0, qc1, qc2, kc0, kc1, kc2, NK0, NK1, NK2, DL0, DL1, DL2)
+        bias = tl.load(RPBh + idx, mask=vis, other=0.0).to(tl.float32) * LOG2E
+    else:
+        idx = 0
+        bias = 0.0
+    return vis, bias, idx
+
+
+@triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    H, G, D, QS0, QS1, QS2, KS0, KS1, KS2, scale_log2, bias_log2,
-    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr,
+    Q, K, V, O, LSE, RPB, EK, EV,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sekb, sekh, sekn, sevb, sevh, sevn,
+    H, G, D, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+    scale_log2, sig_bias_log2,
+    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, HAS_RPB: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One program per (query tile, batch x head): online softmax over the visible key tiles, then the
+    ``NE`` extra tokens every query sees."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -138,11 +260,13 @@ def _attn_fwd(
     q = tl.load(Q + b * sqb + h * sqh + qflat[:, None] * sqn + d[None, :], mask=qmask, other=0.0)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
+    RPBh = RPB + h * (2 * NK0 - 1) * (2 * NK1 - 1) * (2 * NK2 - 1)
 
     m = tl.full([QT0 * QT1 * QT2], float("-inf"), tl.float32)
     l = tl.zeros([QT0 * QT1 * QT2], tl.float32)
     acc = tl.zeros([QT0 * QT1 * QT2, BLOCK_D], tl.float32)
-    lo0, hi0, lo1, hi1, lo2, hi2 = _kv_box(o0, o1, o2, QS0, QS1, QS2, KS0, KS1, KS2, QT0, QT1, QT2, MODE, CAUSAL)
+    lo0, hi0, lo1, hi1, lo2, hi2 = _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
+                                           ST0, ST1, ST2, QT0, QT1, QT2, MODE, CAUSAL)
     f0, f1, f2, n0, n1, n2 = _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, KT0, KT1, KT2)
     for t in range(0, n0 * n1 * n2):
         kc0, kc1, kc2, kflat, kvalid = _tile(
@@ -151,19 +275,22 @@ def _attn_fwd(
         kmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(K + kflat[:, None] * skn + d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + kflat[:, None] * svn + d[None, :], mask=kmask, other=0.0)
-        s = _scores(q, k, qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, scale_log2, bias_log2,
-                    MODE, CAUSAL, SCORE, PRECISION)
-        if SCORE == 0:
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-            alpha = tl.exp2(m - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m = m_new
-        else:
-            p = s
-        acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        vis, bias, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, RPBh,
+                                   KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                   MODE, CAUSAL, HAS_RPB)
+        s = _scores(q, k, vis, bias, scale_log2, sig_bias_log2, SCORE, PRECISION)
+        m, l, acc = _softmax_step(m, l, acc, s, v, SCORE, PRECISION)
+
+    EK += b * sekb + hk * sekh
+    EV += b * sevb + hk * sevh
+    for e0 in range(0, NE, KT0 * KT1 * KT2):
+        e = e0 + tl.arange(0, KT0 * KT1 * KT2)
+        evalid = e < NE
+        emask = evalid[:, None] & dmask[None, :]
+        k = tl.load(EK + e[:, None] * sekn + d[None, :], mask=emask, other=0.0)
+        v = tl.load(EV + e[:, None] * sevn + d[None, :], mask=emask, other=0.0)
+        s = _scores(q, k, qvalid[:, None] & evalid[None, :], 0.0, scale_log2, sig_bias_log2, SCORE, PRECISION)
+        m, l, acc = _softmax_step(m, l, acc, s, v, SCORE, PRECISION)
 
     if SCORE == 0:
         empty = l == 0.0
@@ -178,12 +305,10 @@ def _attn_fwd(
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse2, delta, qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid,
-                       scale_log2, bias_log2, MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Recomputed probabilities P and score gradients dS (w.r.t. the unscaled logits' pre-image)."""
-    s = _scores(q, k, qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, scale_log2, bias_log2,
-                MODE, CAUSAL, SCORE, PRECISION)
+def _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias_log2,
+                       SCORE: tl.constexpr, PRECISION: tl.constexpr):
+    """Recomputed probabilities P and logit gradients dS = dL/d(logit)."""
+    s = _scores(q, k, vis, bias, scale_log2, sig_bias_log2, SCORE, PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if SCORE == 0:
         p = tl.exp2(s - lse2[:, None])
@@ -196,14 +321,16 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, qc0, qc1, qc2, qflat, qvalid, k
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, RPB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
-    H, G, D, QS0, QS1, QS2, KS0, KS1, KS2, scale, scale_log2, bias_log2,
-    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr,
+    H, G, D, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+    scale, scale_log2, sig_bias_log2,
+    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, HAS_RPB: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (key tile, batch, kv head): accumulates dK, dV over the group's query heads."""
+    """One program per (key tile, batch x kv head): accumulates dK, dV over the queries that see the tile
+    (the inverse neighborhood), for every query head of the GQA group — no atomics."""
     bhk = tl.program_id(1)
     HK = H // G
     b = (bhk // HK).to(tl.int64)
@@ -219,12 +346,14 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([KT0 * KT1 * KT2, BLOCK_D], tl.float32)
     NQ = QS0 * QS1 * QS2
 
-    lo0, hi0, lo1, hi1, lo2, hi2 = _q_box(o0, o1, o2, QS0, QS1, QS2, KS0, KS1, KS2, KT0, KT1, KT2, MODE, CAUSAL)
+    lo0, hi0, lo1, hi1, lo2, hi2 = _q_box(o0, o1, o2, QS0, QS1, QS2, NK0, NK1, NK2, DL0, DL1, DL2,
+                                          ST0, ST1, ST2, KT0, KT1, KT2, MODE, CAUSAL)
     f0, f1, f2, n0, n1, n2 = _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, QT0, QT1, QT2)
     for g in range(0, G):
         h = hk * G + g
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdob + h * sdoh
+        RPBh = RPB + h * (2 * NK0 - 1) * (2 * NK1 - 1) * (2 * NK2 - 1)
         row = (b * H + h) * NQ
         for t in range(0, n0 * n1 * n2):
             qc0, qc1, qc2, qflat, qvalid = _tile(
@@ -235,9 +364,11 @@ def _attn_bwd_dkdv(
             do = tl.load(DOh + qflat[:, None] * sdon + d[None, :], mask=qmask, other=0.0)
             lse2 = tl.load(LSE + row + qflat, mask=qvalid, other=0.0) * LOG2E
             delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
-            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, qc0, qc1, qc2, qflat, qvalid,
-                                       kc0, kc1, kc2, kflat, kvalid, scale_log2, bias_log2,
-                                       MODE, CAUSAL, SCORE, PRECISION)
+            vis, bias, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, RPBh,
+                                       KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                       MODE, CAUSAL, HAS_RPB)
+            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias_log2,
+                                       SCORE, PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
@@ -248,14 +379,16 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
-    H, G, D, QS0, QS1, QS2, KS0, KS1, KS2, scale, scale_log2, bias_log2,
-    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ, RPB, DRPB, EK, EV,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sekb, sekh, sekn, sevb, sevh, sevn,
+    H, G, D, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+    scale, scale_log2, sig_bias_log2,
+    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, HAS_RPB: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (query tile, batch, head): the forward's key-tile walk, accumulating dQ."""
+    """One program per (query tile, batch x head): the forward's key walk (neighborhood then extra tokens),
+    accumulating dQ; the bias gradient is scattered into the fp32 table with atomics."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -273,9 +406,12 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
+    table = (2 * NK0 - 1) * (2 * NK1 - 1) * (2 * NK2 - 1)
+    RPBh = RPB + h * table
     dq = tl.zeros([QT0 * QT1 * QT2, BLOCK_D], tl.float32)
 
-    lo0, hi0, lo1, hi1, lo2, hi2 = _kv_box(o0, o1, o2, QS0, QS1, QS2, KS0, KS1, KS2, QT0, QT1, QT2, MODE, CAUSAL)
+    lo0, hi0, lo1, hi1, lo2, hi2 = _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
+                                           ST0, ST1, ST2, QT0, QT1, QT2, MODE, CAUSAL)
     f0, f1, f2, n0, n1, n2 = _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, KT0, KT1, KT2)
     for t in range(0, n0 * n1 * n2):
         kc0, kc1, kc2, kflat, kvalid = _tile(
@@ -284,9 +420,25 @@ def _attn_bwd_dq(
         kmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(K + kflat[:, None] * skn + d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + kflat[:, None] * svn + d[None, :], mask=kmask, other=0.0)
-        _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, qc0, qc1, qc2, qflat, qvalid,
-                                   kc0, kc1, kc2, kflat, kvalid, scale_log2, bias_log2,
-                                   MODE, CAUSAL, SCORE, PRECISION)
+        vis, bias, idx = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, RPBh,
+                                     KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                     MODE, CAUSAL, HAS_RPB)
+        _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias_log2,
+                                   SCORE, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if HAS_RPB:
+            tl.atomic_add(DRPB + h * table + idx, ds, mask=vis)
+
+    EK += b * sekb + hk * sekh
+    EV += b * sevb + hk * sevh
+    for e0 in range(0, NE, KT0 * KT1 * KT2):
+        e = e0 + tl.arange(0, KT0 * KT1 * KT2)
+        evalid = e < NE
+        emask = evalid[:, None] & dmask[None, :]
+        k = tl.load(EK + e[:, None] * sekn + d[None, :], mask=emask, other=0.0)
+        v = tl.load(EV + e[:, None] * sevn + d[None, :], mask=emask, other=0.0)
+        _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, qvalid[:, None] & evalid[None, :], 0.0,
+                                   scale_log2, sig_bias_log2, SCORE, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     out = bh.to(tl.int64) * (QS0 * QS1 * QS2) * D + qflat[:, None] * D + d[None, :]
     tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
@@ -297,30 +449,34 @@ def _attn_bwd_dq(
 # ---------------------------------------------------------------------------------------------
 
 
-def _grid3(shape: list[int]) -> tuple[int, int, int]:
-    return (1,) * (3 - len(shape)) + tuple(shape)
-
-
 def _tiles(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> int:
     return triton.cdiv(grid[0], tile[0]) * triton.cdiv(grid[1], tile[1]) * triton.cdiv(grid[2], tile[2])
 
 
 def _tile_shape(grid: tuple[int, int, int], size: int) -> tuple[int, int, int]:
-    """A power-of-two tile of ``size`` elements laid along the grid's innermost axes."""
-    tile = [1, 1, 1]
-    for axis in (2, 1, 0):
-        take = min(size, triton.next_power_of_2(grid[axis]))
-        tile[axis] = take
-        size //= take
-        if size == 1:
-            break
+    """A power-of-two tile of ``size`` elements, as square as the grid allows (innermost axis first).
+
+    Never smaller than 16 elements: ``tl.dot`` needs 16 rows.
+    """
+    tile, caps = [1, 1, 1], [triton.next_power_of_2(g) for g in grid]
+    while size > 1 and any(t < c for t, c in zip(tile, caps, strict=True)):
+        for axis in (2, 1, 0):
+            if size > 1 and tile[axis] < caps[axis]:
+                tile[axis] *= 2
+                size //= 2
+    while tile[0] * tile[1] * tile[2] < 16:
+        tile[2] *= 2
     return tuple(tile)
 
 
 def _launch_config(pass_: str, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes (query, key) and warps per pass. Small fixed tiles under the interpreter."""
+    """Tile sizes (query, key) and warps per pass.
+
+    Under the interpreter every nested @jit call re-patches triton.language (~ms), so fewer, larger tiles
+    keep tests fast; test grids still span several tiles.
+    """
     if triton_interpreting():
-        return dict(block_m=16, block_n=16, num_warps=1, num_stages=1)
+        return dict(block_m=32, block_n=32, num_warps=1, num_stages=1)
     big_d = head_dim > 64
     wide = dtype == torch.float32  # fp32 tiles need twice the registers/shared memory
     if pass_ == "fwd":
@@ -334,17 +490,47 @@ def _launch_config(pass_: str, head_dim: int, dtype: torch.dtype) -> dict:
     return cfg
 
 
-def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, score: str, scale: float, sigmoid_bias: float):
-    """Grids, constexprs and scalar arguments shared by the three kernels; grids are q/k's spatial dims."""
-    qs, ks = _grid3(list(q.shape[2:-1])), _grid3(list(k.shape[2:-1]))
-    head_dim = q.shape[-1]
-    consts = dict(
-        MODE=MODE_DENSE, CAUSAL=causal, SCORE=SCORES[score],
+class Geometry(NamedTuple):
+    """Token grids and visibility of one launch, padded to 3 axes (leading 1s)."""
+
+    q_grid: tuple[int, int, int]
+    kv_grid: tuple[int, int, int]
+    kernel: tuple[int, int, int]
+    dilation: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    mode: int
+    causal: int  # dense: 0/1; neighborhood: bit a set when axis a is causal
+
+    def scalars(self) -> tuple[int, ...]:
+        return (*self.q_grid, *self.kv_grid, *self.kernel, *self.dilation, *self.stride)
+
+
+def _pad3(values, fill) -> tuple:
+    return (fill,) * (3 - len(values)) + tuple(values)
+
+
+def dense_geometry(q: torch.Tensor, k: torch.Tensor, causal: bool) -> Geometry:
+    return Geometry(_pad3(q.shape[2:-1], 1), _pad3(k.shape[2:-1], 1), (1, 1, 1), (1, 1, 1), (1, 1, 1),
+                    MODE_DENSE.value, int(causal))
+
+
+def neighborhood_geometry(q: torch.Tensor, kernel_size, dilation, stride, causal) -> Geometry:
+    grid = _pad3(q.shape[2:-1], 1)
+    bits = sum(1 << a for a, c in enumerate(_pad3(causal, False)) if c)
+    return Geometry(grid, grid, _pad3(kernel_size, 1), _pad3(dilation, 1), _pad3(stride, 1),
+                    MODE_NEIGHBORHOOD.value, bits)
+
+
+def _constexprs(q: torch.Tensor, geo: Geometry, score: str, has_rpb: bool, pass_: str) -> dict:
+    cfg = _launch_config(pass_, q.shape[-1], q.dtype)
+    qt, kt = _tile_shape(geo.q_grid, cfg["block_m"]), _tile_shape(geo.kv_grid, cfg["block_n"])
+    return dict(
+        MODE=geo.mode, CAUSAL=geo.causal, SCORE=SCORES[score], HAS_RPB=has_rpb,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        QT0=qt[0], QT1=qt[1], QT2=qt[2], KT0=kt[0], KT1=kt[1], KT2=kt[2],
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    scalars = (q.shape[1], q.shape[1] // k.shape[1], head_dim, *qs, *ks)
-    return qs, ks, consts, scalars, scale * LOG2E, sigmoid_bias * LOG2E
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -357,44 +543,64 @@ def _strides(*ts: torch.Tensor) -> tuple[int, ...]:
     return tuple(s for t in ts for s in t.stride()[:3])
 
 
-def attention_fwd(q, k, v, causal, scale, score, sigmoid_bias):
-    """q: (B, H, *q_grid, D), k/v: (B, H_kv, *kv_grid, D) -> out like q, lse (B, H, *q_grid) fp32."""
+def _extra(q: torch.Tensor, extra_k, extra_v):
+    """Flattened extra tokens (or q as an unread placeholder) and their count."""
+    if extra_k is None:
+        return q, q, 0
+    return _flat(extra_k), _flat(extra_v), extra_k.shape[2]
+
+
+def attention_fwd(q, k, v, geo: Geometry, scale, score, sigmoid_bias, rpb=None, extra_k=None, extra_v=None):
+    """q: (B, H, *grid, D), k/v: (B, H_kv, *grid_kv, D) -> out like q, lse (B, H, *grid) fp32 (natural log).
+
+    rpb: (H, 2k0-1[, ...]) bias table (neighborhood mode); extra_k/v: (B, H_kv, E, D) tokens all queries see.
+    """
     B, H = q.shape[:2]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    ek, ev, n_extra = _extra(q, extra_k, extra_v)
     out = torch.empty_like(qf)
     lse = torch.empty(qf.shape[:3], device=q.device, dtype=torch.float32)
-    qs, ks, consts, scalars, scale_log2, bias_log2 = _common(q, k, causal, score, scale, sigmoid_bias)
-    cfg = _launch_config("fwd", q.shape[-1], q.dtype)
-    qt, kt = _tile_shape(qs, cfg["block_m"]), _tile_shape(ks, cfg["block_n"])
-    _attn_fwd[(_tiles(qs, qt), B * H)](
-        qf, kf, vf, out, lse, *_strides(qf, kf, vf, out), *scalars, scale_log2, bias_log2, **consts,
-        QT0=qt[0], QT1=qt[1], QT2=qt[2], KT0=kt[0], KT1=kt[1], KT2=kt[2],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    consts = _constexprs(q, geo, score, rpb is not None, "fwd")
+    grid = (_tiles(geo.q_grid, (consts["QT0"], consts["QT1"], consts["QT2"])), B * H)
+    _attn_fwd[grid](
+        qf, kf, vf, out, lse, q if rpb is None else rpb.contiguous(), ek, ev, *_strides(qf, kf, vf, out, ek, ev),
+        H, H // k.shape[1], q.shape[-1], n_extra, *geo.scalars(), scale * _LOG2E, sigmoid_bias * _LOG2E, **consts,
     )
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
-def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias):
-    """Gradients (dq, dk, dv) shaped like (q, k, v), from the saved fp32 ``lse``."""
+def attention_bwd(do, q, k, v, out, lse, geo: Geometry, scale, score, sigmoid_bias, rpb=None, extra_k=None,
+                  extra_v=None):
+    """Gradients (dq, dk, dv, drpb, dextra_k, dextra_v) from the saved ``lse``; None for absent inputs."""
     B, H = q.shape[:2]
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
+    ek, ev, n_extra = _extra(q, extra_k, extra_v)
     lse = lse.reshape(B, H, -1).contiguous()
-    if score == "softmax":
-        delta = (dof.float() * _flat(out).float()).sum(-1)
-    else:
-        delta = lse  # unused by sigmoid scoring
-    dq = torch.empty(qf.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(kf.shape, device=q.device, dtype=k.dtype)
-    dv = torch.empty(vf.shape, device=q.device, dtype=v.dtype)
-    qs, ks, consts, scalars, scale_log2, bias_log2 = _common(q, k, causal, score, scale, sigmoid_bias)
-    strides = _strides(qf, kf, vf, dof)
-    for kernel, pass_, outs in ((_attn_bwd_dkdv, "dkdv", (dk, dv)), (_attn_bwd_dq, "dq", (dq,))):
-        cfg = _launch_config(pass_, q.shape[-1], q.dtype)
-        qt, kt = _tile_shape(qs, cfg["block_m"]), _tile_shape(ks, cfg["block_n"])
-        grid = (_tiles(ks, kt), B * k.shape[1]) if pass_ == "dkdv" else (_tiles(qs, qt), B * H)
-        kernel[grid](
-            qf, kf, vf, dof, lse, delta, *outs, *strides, *scalars, scale, scale_log2, bias_log2, **consts,
-            QT0=qt[0], QT1=qt[1], QT2=qt[2], KT0=kt[0], KT1=kt[1], KT2=kt[2],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+    # softmax: delta = rowsum(dO * O); sigmoid scoring does not read it.
+    delta = (dof.float() * _flat(out).float()).sum(-1) if score == "softmax" else lse
+    dq = torch.empty_like(qf)
+    dk, dv = torch.empty_like(kf), torch.empty_like(vf)
+    drpb = None if rpb is None else torch.zeros(rpb.shape, device=q.device, dtype=torch.float32)
+    rpb_arg = q if rpb is None else rpb.contiguous()
+    common = (H, H // k.shape[1], q.shape[-1])
+    scalars = (scale, scale * _LOG2E, sigmoid_bias * _LOG2E)
+
+    def dkdv(kf_, vf_, dk_, dv_, geo_, has_rpb):
+        consts = _constexprs(q, geo_, score, has_rpb, "dkdv")
+        grid = (_tiles(geo_.kv_grid, (consts["KT0"], consts["KT1"], consts["KT2"])), B * k.shape[1])
+        _attn_bwd_dkdv[grid](qf, kf_, vf_, dof, lse, delta, dk_, dv_, rpb_arg, *_strides(qf, kf_, vf_, dof),
+                             *common, *geo_.scalars(), *scalars, **consts)
+
+    dkdv(kf, vf, dk, dv, geo, rpb is not None)
+    dek = dev = None
+    if n_extra:
+        # Extra tokens are seen by every query: the dense dK/dV pass, normalized by the full softmax's lse.
+        dek, dev = torch.empty_like(ek), torch.empty_like(ev)
+        dkdv(ek, ev, dek, dev, geo._replace(kv_grid=(1, 1, n_extra), mode=MODE_DENSE.value, causal=0), False)
+        dek, dev = dek.view(extra_k.shape), dev.view(extra_v.shape)
+    consts = _constexprs(q, geo, score, rpb is not None, "dq")
+    grid = (_tiles(geo.q_grid, (consts["QT0"], consts["QT1"], consts["QT2"])), B * H)
+    _attn_bwd_dq[grid](qf, kf, vf, dof, lse, delta, dq, rpb_arg, q if drpb is None else drpb, ek, ev,
+                       *_strides(qf, kf, vf, dof, ek, ev), *common, n_extra, *geo.scalars(), *scalars, **consts)
+    drpb = None if drpb is None else drpb.to(rpb.dtype)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), drpb, dek, dev
