@@ -26,11 +26,12 @@ def leaf64(t: torch.Tensor) -> torch.Tensor:
 
 
 def poison_allocations(monkeypatch) -> None:
-    """Make torch.empty/empty_like return NaN-filled memory so unwritten outputs are caught."""
-    empty, empty_like = torch.empty, torch.empty_like
+    """Make torch.empty/empty_like/Tensor.new_empty return NaN-filled memory so unwritten outputs are caught."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def nan_fill(t: torch.Tensor) -> torch.Tensor:
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan_fill(new_empty(self, *a, **kw)))

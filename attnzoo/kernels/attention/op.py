@@ -41,8 +41,9 @@ def attention_fwd(
 
 @attention_fwd.register_fake
 def _(q, k, v, causal, scale, score, sigmoid_bias, backend):
+    # Every implementation returns contiguous tensors.
     lse_dtype = torch.float32 if backend == "triton" else torch_impl.lse_dtype(q.dtype)
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
 
 
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
@@ -60,7 +61,7 @@ def attention_bwd(
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

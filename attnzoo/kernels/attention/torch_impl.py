@@ -65,7 +65,7 @@ def attention_fwd(q, k, v, causal, scale, score, sigmoid_bias):
     hkv = k.shape[1]
     qg = _grouped(q, hkv)
     kt, vc = k.to(cdt).transpose(-1, -2).unsqueeze(2), v.to(cdt).unsqueeze(2)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     lse = torch.zeros(q.shape[:3], device=q.device, dtype=cdt)
     og, lg = _grouped(out, hkv), _grouped(lse, hkv)
     for a, b in _chunks(q, k.shape[2]):
@@ -93,7 +93,7 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias):
     hkv = k.shape[1]
     qg, dog, og, lg = _grouped(q, hkv), _grouped(do, hkv), _grouped(out, hkv), _grouped(lse, hkv)
     kc, vc = k.to(cdt).unsqueeze(2), v.to(cdt).unsqueeze(2)
-    dq = torch.empty_like(q)
+    dq = q.new_empty(q.shape)
     dqg = _grouped(dq, hkv)
     dk = torch.zeros(k.shape, device=k.device, dtype=cdt)
     dv = torch.zeros(v.shape, device=v.device, dtype=cdt)

@@ -33,6 +33,9 @@ LOG2E = tl.constexpr(_LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)
 MODE_DENSE = tl.constexpr(0)
 MODE_NEIGHBORHOOD = tl.constexpr(1)
+MODE_HALO = tl.constexpr(2)
+# Additive logit terms: none, a per-head relative-position table (NAT rpb), per-query per-axis tables (halo).
+BIAS_NONE, BIAS_TABLE, BIAS_QUERY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 SCORES = {"softmax": 0, "sigmoid": 1}
 
 
@@ -122,6 +125,25 @@ def _axis_q_range(o, T: tl.constexpr, S, K, DL, ST, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _halo_window(qc, BK, HALO, BQ, PAD: tl.constexpr):
+    """Halo window [lo, hi) in (padded) key coordinates of query coordinate(s) qc, and the window start."""
+    lo = (qc // BQ) * BK - HALO + PAD * HALO
+    return lo, lo + BK + 2 * HALO
+
+
+@triton.jit
+def _halo_q_range(o, T: tl.constexpr, QS, KS, BK, HALO, BQ, PAD: tl.constexpr):
+    """[lo, hi) query coordinates whose halo windows reach padded key coordinates [o, o + T)."""
+    r_min = o - PAD * HALO
+    r_max = tl.minimum(o + T, KS) - 1 - PAD * HALO
+    # first block whose window end passes r_min: floor((r_min - BK - HALO) / BK) + 1, kept non-negative
+    shift = (BK + 2 * HALO) // BK + 2
+    b_lo = tl.maximum((r_min - BK - HALO + shift * BK) // BK - shift + 1, 0)
+    b_hi = (r_max + HALO) // BK
+    return b_lo * BQ, tl.minimum((b_hi + 1) * BQ, QS)
+
+
+@triton.jit
 def _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
             QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr):
     """Per-axis [lo, hi) key box visible to the query tile at origin (o0, o1, o2)."""
@@ -130,6 +152,12 @@ def _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, S
         lo1, hi1 = _axis_kv_range(o1, QT1, KS1, NK1, DL1, ST1, (CAUSAL >> 1) & 1)
         lo2, hi2 = _axis_kv_range(o2, QT2, KS2, NK2, DL2, ST2, (CAUSAL >> 2) & 1)
         return lo0, hi0, lo1, hi1, lo2, hi2
+    if MODE == MODE_HALO:  # 2-D: axes 1 and 2; NK = key block, DL = halo, ST = query block
+        lo1, _ = _halo_window(o1, NK1, DL1, ST1, CAUSAL)
+        _, hi1 = _halo_window(o1 + QT1 - 1, NK1, DL1, ST1, CAUSAL)
+        lo2, _ = _halo_window(o2, NK2, DL2, ST2, CAUSAL)
+        _, hi2 = _halo_window(o2 + QT2 - 1, NK2, DL2, ST2, CAUSAL)
+        return 0, KS0, tl.maximum(lo1, 0), tl.minimum(hi1, KS1), tl.maximum(lo2, 0), tl.minimum(hi2, KS2)
     hi2 = KS2
     if CAUSAL:  # dense causal is defined on 1-D token grids
         hi2 = tl.minimum(o2 + QT2, KS2)
@@ -137,7 +165,7 @@ def _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, S
 
 
 @triton.jit
-def _q_box(o0, o1, o2, QS0, QS1, QS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+def _q_box(o0, o1, o2, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
            KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr):
     """Per-axis [lo, hi) range of queries that can see some key of the key tile at (o0, o1, o2)."""
     if MODE == MODE_NEIGHBORHOOD:
@@ -145,6 +173,10 @@ def _q_box(o0, o1, o2, QS0, QS1, QS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST
         lo1, hi1 = _axis_q_range(o1, KT1, QS1, NK1, DL1, ST1, (CAUSAL >> 1) & 1)
         lo2, hi2 = _axis_q_range(o2, KT2, QS2, NK2, DL2, ST2, (CAUSAL >> 2) & 1)
         return lo0, hi0, lo1, hi1, lo2, hi2
+    if MODE == MODE_HALO:
+        lo1, hi1 = _halo_q_range(o1, KT1, QS1, KS1, NK1, DL1, ST1, CAUSAL)
+        lo2, hi2 = _halo_q_range(o2, KT2, QS2, KS2, NK2, DL2, ST2, CAUSAL)
+        return 0, QS0, lo1, hi1, lo2, hi2
     lo2 = 0
     if CAUSAL:
         lo2 = o2
@@ -159,6 +191,11 @@ def _visible(qc0, qc1, qc2, qflat, kc0, kc1, kc2, kflat, S0, S1, S2, NK0, NK1, N
         vis = _axis_visible(qc2, kc2, S2, NK2, DL2, ST2, (CAUSAL >> 2) & 1)
         vis &= _axis_visible(qc1, kc1, S1, NK1, DL1, ST1, (CAUSAL >> 1) & 1)
         vis &= _axis_visible(qc0, kc0, S0, NK0, DL0, ST0, (CAUSAL >> 0) & 1)
+    elif MODE == MODE_HALO:
+        lo1, hi1 = _halo_window(qc1, NK1, DL1, ST1, CAUSAL)
+        lo2, hi2 = _halo_window(qc2, NK2, DL2, ST2, CAUSAL)
+        vis = (kc1[None, :] >= lo1[:, None]) & (kc1[None, :] < hi1[:, None])
+        vis &= (kc2[None, :] >= lo2[:, None]) & (kc2[None, :] < hi2[:, None])
     elif CAUSAL:
         vis = kflat[None, :] <= qflat[:, None]
     else:
@@ -219,29 +256,63 @@ def _softmax_step(m, l, acc, s, v, SCORE: tl.constexpr, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, RPBh,
+def _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE: tl.constexpr, CAUSAL: tl.constexpr):
+    """Memory index and in-map mask of key coordinates. With halo zero padding the key grid is the map
+    padded by the halo: padded positions are visible keys that load as zeros."""
+    if MODE == MODE_HALO:
+        if CAUSAL:
+            r1 = kc1 - DL1
+            r2 = kc2 - DL2
+            rs1 = KS1 - 2 * DL1
+            rs2 = KS2 - 2 * DL2
+            inside = kvalid & (r1 >= 0) & (r1 < rs1) & (r2 >= 0) & (r2 < rs2)
+            return (kc0 * rs1 + r1) * rs2 + r2, inside
+    return kflat, kvalid
+
+
+@triton.jit
+def _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h, row0,
                 KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
-                MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_RPB: tl.constexpr):
-    """Visibility mask, bias (log2 units) and bias-table index of a (query tile, key tile) pair."""
+                MODE: tl.constexpr, CAUSAL: tl.constexpr, BIAS: tl.constexpr):
+    """Visibility mask, additive bias (log2 units) and the bias-table offsets of a (query tile, key tile) pair.
+
+    BIAS_TABLE: ``BA`` is an (H, 2k0-1, 2k1-1, 2k2-1) table indexed by the relative position.
+    BIAS_QUERY (halo): ``BA``/``BB`` are per-query (rows, 2*win-1) tables for axes 1/2, indexed by the
+    key's window position minus the query's in-block position.
+    """
     vis = qvalid[:, None] & kvalid[None, :] & _visible(
         qc0, qc1, qc2, qflat, kc0, kc1, kc2, kflat, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
         ST0, ST1, ST2, MODE, CAUSAL)
-    if HAS_RPB:
-        idx = _rpb_index(qc0, qc1, qc2, kc0, kc1, kc2, NK0, NK1, NK2, DL0, DL1, DL2)
-        bias = tl.load(RPBh + idx, mask=vis, other=0.0).to(tl.float32) * LOG2E
+    if BIAS == BIAS_TABLE:
+        ia = h * (2 * NK0 - 1) * (2 * NK1 - 1) * (2 * NK2 - 1) + _rpb_index(
+            qc0, qc1, qc2, kc0, kc1, kc2, NK0, NK1, NK2, DL0, DL1, DL2)
+        ib = ia
+        bias = tl.load(BA + ia, mask=vis, other=0.0).to(tl.float32) * LOG2E
+    elif BIAS == BIAS_QUERY:
+        win1 = NK1 + 2 * DL1
+        win2 = NK2 + 2 * DL2
+        lo1, _ = _halo_window(qc1, NK1, DL1, ST1, CAUSAL)
+        lo2, _ = _halo_window(qc2, NK2, DL2, ST2, CAUSAL)
+        rows = row0 + qflat[:, None]
+        ia = rows * (2 * win1 - 1) + (kc1[None, :] - lo1[:, None]) - (qc1 % ST1)[:, None] + win1 - 1
+        ib = rows * (2 * win2 - 1) + (kc2[None, :] - lo2[:, None]) - (qc2 % ST2)[:, None] + win2 - 1
+        bias = tl.load(BA + ia, mask=vis, other=0.0).to(tl.float32) + tl.load(BB + ib, mask=vis, other=0.0).to(
+            tl.float32)
+        bias = bias * LOG2E
     else:
-        idx = 0
+        ia = 0
+        ib = 0
         bias = 0.0
-    return vis, bias, idx
+    return vis, bias, ia, ib
 
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, RPB, EK, EV,
+    Q, K, V, O, LSE, BA, BB, EK, EV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sekb, sekh, sekn, sevb, sevh, sevn,
     H, G, D, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale_log2, sig_bias_log2,
-    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, HAS_RPB: tl.constexpr,
+    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -260,7 +331,7 @@ def _attn_fwd(
     q = tl.load(Q + b * sqb + h * sqh + qflat[:, None] * sqn + d[None, :], mask=qmask, other=0.0)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
-    RPBh = RPB + h * (2 * NK0 - 1) * (2 * NK1 - 1) * (2 * NK2 - 1)
+    row0 = bh.to(tl.int64) * (QS0 * QS1 * QS2)
 
     m = tl.full([QT0 * QT1 * QT2], float("-inf"), tl.float32)
     l = tl.zeros([QT0 * QT1 * QT2], tl.float32)
@@ -272,12 +343,13 @@ def _attn_fwd(
         kc0, kc1, kc2, kflat, kvalid = _tile(
             (f0 + t // (n1 * n2)) * KT0, (f1 + (t // n2) % n1) * KT1, (f2 + t % n2) * KT2,
             KS0, KS1, KS2, KT0, KT1, KT2)
-        kmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(K + kflat[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + kflat[:, None] * svn + d[None, :], mask=kmask, other=0.0)
-        vis, bias, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, RPBh,
-                                   KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
-                                   MODE, CAUSAL, HAS_RPB)
+        kaddr, kin = _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE, CAUSAL)
+        kmask = kin[:, None] & dmask[None, :]
+        k = tl.load(K + kaddr[:, None] * skn + d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + kaddr[:, None] * svn + d[None, :], mask=kmask, other=0.0)
+        vis, bias, _, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h, row0,
+                                      KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                      MODE, CAUSAL, BIAS)
         s = _scores(q, k, vis, bias, scale_log2, sig_bias_log2, SCORE, PRECISION)
         m, l, acc = _softmax_step(m, l, acc, s, v, SCORE, PRECISION)
 
@@ -321,11 +393,11 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, RPB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BA, BB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     H, G, D, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale, scale_log2, sig_bias_log2,
-    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, HAS_RPB: tl.constexpr,
+    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -339,21 +411,21 @@ def _attn_bwd_dkdv(
     kc0, kc1, kc2, kflat, kvalid = _tile(o0, o1, o2, KS0, KS1, KS2, KT0, KT1, KT2)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    kmask = kvalid[:, None] & dmask[None, :]
-    k = tl.load(K + b * skb + hk * skh + kflat[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + kflat[:, None] * svn + d[None, :], mask=kmask, other=0.0)
+    kaddr, kin = _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE, CAUSAL)
+    kmask = kin[:, None] & dmask[None, :]
+    k = tl.load(K + b * skb + hk * skh + kaddr[:, None] * skn + d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + kaddr[:, None] * svn + d[None, :], mask=kmask, other=0.0)
     dk = tl.zeros([KT0 * KT1 * KT2, BLOCK_D], tl.float32)
     dv = tl.zeros([KT0 * KT1 * KT2, BLOCK_D], tl.float32)
     NQ = QS0 * QS1 * QS2
 
-    lo0, hi0, lo1, hi1, lo2, hi2 = _q_box(o0, o1, o2, QS0, QS1, QS2, NK0, NK1, NK2, DL0, DL1, DL2,
+    lo0, hi0, lo1, hi1, lo2, hi2 = _q_box(o0, o1, o2, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
                                           ST0, ST1, ST2, KT0, KT1, KT2, MODE, CAUSAL)
     f0, f1, f2, n0, n1, n2 = _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, QT0, QT1, QT2)
     for g in range(0, G):
         h = hk * G + g
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdob + h * sdoh
-        RPBh = RPB + h * (2 * NK0 - 1) * (2 * NK1 - 1) * (2 * NK2 - 1)
         row = (b * H + h) * NQ
         for t in range(0, n0 * n1 * n2):
             qc0, qc1, qc2, qflat, qvalid = _tile(
@@ -364,26 +436,31 @@ def _attn_bwd_dkdv(
             do = tl.load(DOh + qflat[:, None] * sdon + d[None, :], mask=qmask, other=0.0)
             lse2 = tl.load(LSE + row + qflat, mask=qvalid, other=0.0) * LOG2E
             delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
-            vis, bias, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, RPBh,
-                                       KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
-                                       MODE, CAUSAL, HAS_RPB)
+            vis, bias, _, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h,
+                                          row, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                          MODE, CAUSAL, BIAS)
             p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias_log2,
                                        SCORE, PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
-    out = (b * HK + hk) * (KS0 * KS1 * KS2) * D + kflat[:, None] * D + d[None, :]
+    # dK/dV are laid out like k/v (the unpadded map); padded halo keys have no gradient to store.
+    n_keys = KS0 * KS1 * KS2
+    if MODE == MODE_HALO:
+        if CAUSAL:
+            n_keys = KS0 * (KS1 - 2 * DL1) * (KS2 - 2 * DL2)
+    out = (b * HK + hk) * n_keys * D + kaddr[:, None] * D + d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, RPB, DRPB, EK, EV,
+    Q, K, V, DO, LSE, DELTA, DQ, BA, BB, DBA, DBB, EK, EV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sekb, sekh, sekn, sevb, sevh, sevn,
     H, G, D, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale, scale_log2, sig_bias_log2,
-    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, HAS_RPB: tl.constexpr,
+    MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -406,8 +483,6 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
-    table = (2 * NK0 - 1) * (2 * NK1 - 1) * (2 * NK2 - 1)
-    RPBh = RPB + h * table
     dq = tl.zeros([QT0 * QT1 * QT2, BLOCK_D], tl.float32)
 
     lo0, hi0, lo1, hi1, lo2, hi2 = _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
@@ -417,17 +492,21 @@ def _attn_bwd_dq(
         kc0, kc1, kc2, kflat, kvalid = _tile(
             (f0 + t // (n1 * n2)) * KT0, (f1 + (t // n2) % n1) * KT1, (f2 + t % n2) * KT2,
             KS0, KS1, KS2, KT0, KT1, KT2)
-        kmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(K + kflat[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + kflat[:, None] * svn + d[None, :], mask=kmask, other=0.0)
-        vis, bias, idx = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, RPBh,
-                                     KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
-                                     MODE, CAUSAL, HAS_RPB)
+        kaddr, kin = _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE, CAUSAL)
+        kmask = kin[:, None] & dmask[None, :]
+        k = tl.load(K + kaddr[:, None] * skn + d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + kaddr[:, None] * svn + d[None, :], mask=kmask, other=0.0)
+        vis, bias, ia, ib = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h, row,
+                                        KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                        MODE, CAUSAL, BIAS)
         _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias_log2,
                                    SCORE, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if HAS_RPB:
-            tl.atomic_add(DRPB + h * table + idx, ds, mask=vis)
+        if BIAS == BIAS_TABLE:
+            tl.atomic_add(DBA + ia, ds, mask=vis)
+        elif BIAS == BIAS_QUERY:
+            tl.atomic_add(DBA + ia, ds, mask=vis)
+            tl.atomic_add(DBB + ib, ds, mask=vis)
 
     EK += b * sekb + hk * sekh
     EV += b * sevb + hk * sevh
@@ -491,7 +570,12 @@ def _launch_config(pass_: str, head_dim: int, dtype: torch.dtype) -> dict:
 
 
 class Geometry(NamedTuple):
-    """Token grids and visibility of one launch, padded to 3 axes (leading 1s)."""
+    """Token grids and visibility of one launch, padded to 3 axes (leading 1s).
+
+    Per mode, the per-axis triples mean: neighborhood — kernel size, dilation, stride; halo (axes 1, 2) —
+    key block size, halo, query block size. ``causal`` is 0/1 for dense attention, a bit per causal axis
+    for neighborhood attention, and 1 for halo zero padding (the key grid is then the map plus the halo).
+    """
 
     q_grid: tuple[int, int, int]
     kv_grid: tuple[int, int, int]
@@ -499,7 +583,7 @@ class Geometry(NamedTuple):
     dilation: tuple[int, int, int]
     stride: tuple[int, int, int]
     mode: int
-    causal: int  # dense: 0/1; neighborhood: bit a set when axis a is causal
+    causal: int
 
     def scalars(self) -> tuple[int, ...]:
         return (*self.q_grid, *self.kv_grid, *self.kernel, *self.dilation, *self.stride)
@@ -521,11 +605,19 @@ def neighborhood_geometry(q: torch.Tensor, kernel_size, dilation, stride, causal
                     MODE_NEIGHBORHOOD.value, bits)
 
 
-def _constexprs(q: torch.Tensor, geo: Geometry, score: str, has_rpb: bool, pass_: str) -> dict:
+def halo_geometry(q: torch.Tensor, k: torch.Tensor, block_size: int, halo_size: int, pad_zeros: bool) -> Geometry:
+    """q: (B, H, Xq, Yq, D) query blocks of block_size * Xq / X; k: (B, H_kv, X, Y, D)."""
+    pad = 2 * halo_size if pad_zeros else 0
+    q_block = block_size * q.shape[2] // k.shape[2]
+    return Geometry((1, *q.shape[2:4]), (1, k.shape[2] + pad, k.shape[3] + pad), (1, block_size, block_size),
+                    (0, halo_size, halo_size), (1, q_block, q_block), MODE_HALO.value, int(pad_zeros))
+
+
+def _constexprs(q: torch.Tensor, geo: Geometry, score: str, bias_kind: int, pass_: str) -> dict:
     cfg = _launch_config(pass_, q.shape[-1], q.dtype)
     qt, kt = _tile_shape(geo.q_grid, cfg["block_m"]), _tile_shape(geo.kv_grid, cfg["block_n"])
     return dict(
-        MODE=geo.mode, CAUSAL=geo.causal, SCORE=SCORES[score], HAS_RPB=has_rpb,
+        MODE=geo.mode, CAUSAL=geo.causal, SCORE=SCORES[score], BIAS=bias_kind,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         QT0=qt[0], QT1=qt[1], QT2=qt[2], KT0=kt[0], KT1=kt[1], KT2=kt[2],
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
@@ -550,57 +642,81 @@ def _extra(q: torch.Tensor, extra_k, extra_v):
     return _flat(extra_k), _flat(extra_v), extra_k.shape[2]
 
 
-def attention_fwd(q, k, v, geo: Geometry, scale, score, sigmoid_bias, rpb=None, extra_k=None, extra_v=None):
+class Bias(NamedTuple):
+    """Additive logit term: ``kind`` BIAS_TABLE with ``a`` the (H, 2k-1, ...) table, or BIAS_QUERY with
+    ``a``/``b`` the per-query (B, H, Nq, 2*win-1) tables of axes 1/2 (halo relative logits)."""
+
+    kind: int
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def _bias_args(q: torch.Tensor, bias: Bias | None):
+    if bias is None:
+        return BIAS_NONE.value, q, q
+    return bias.kind, bias.a.contiguous(), bias.b.contiguous()
+
+
+def attention_fwd(q, k, v, geo: Geometry, scale, score, sigmoid_bias, bias: Bias | None = None, extra_k=None,
+                  extra_v=None):
     """q: (B, H, *grid, D), k/v: (B, H_kv, *grid_kv, D) -> out like q, lse (B, H, *grid) fp32 (natural log).
 
-    rpb: (H, 2k0-1[, ...]) bias table (neighborhood mode); extra_k/v: (B, H_kv, E, D) tokens all queries see.
+    extra_k/v: (B, H_kv, E, D) tokens all queries see, in the same softmax.
     """
     B, H = q.shape[:2]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     ek, ev, n_extra = _extra(q, extra_k, extra_v)
-    out = torch.empty_like(qf)
+    out = qf.new_empty(qf.shape)  # contiguous, whatever q's strides
     lse = torch.empty(qf.shape[:3], device=q.device, dtype=torch.float32)
-    consts = _constexprs(q, geo, score, rpb is not None, "fwd")
+    kind, ba, bb = _bias_args(q, bias)
+    consts = _constexprs(q, geo, score, kind, "fwd")
     grid = (_tiles(geo.q_grid, (consts["QT0"], consts["QT1"], consts["QT2"])), B * H)
     _attn_fwd[grid](
-        qf, kf, vf, out, lse, q if rpb is None else rpb.contiguous(), ek, ev, *_strides(qf, kf, vf, out, ek, ev),
+        qf, kf, vf, out, lse, ba, bb, ek, ev, *_strides(qf, kf, vf, out, ek, ev),
         H, H // k.shape[1], q.shape[-1], n_extra, *geo.scalars(), scale * _LOG2E, sigmoid_bias * _LOG2E, **consts,
     )
     return out.view(q.shape), lse.view(q.shape[:-1])
 
 
-def attention_bwd(do, q, k, v, out, lse, geo: Geometry, scale, score, sigmoid_bias, rpb=None, extra_k=None,
-                  extra_v=None):
-    """Gradients (dq, dk, dv, drpb, dextra_k, dextra_v) from the saved ``lse``; None for absent inputs."""
+def attention_bwd(do, q, k, v, out, lse, geo: Geometry, scale, score, sigmoid_bias, bias: Bias | None = None,
+                  extra_k=None, extra_v=None):
+    """Gradients (dq, dk, dv, (dbias_a, dbias_b) | None, dextra_k, dextra_v) from the saved ``lse``.
+
+    Bias gradients are fp32 and shaped like the bias tensors; None marks absent inputs.
+    """
     B, H = q.shape[:2]
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
     ek, ev, n_extra = _extra(q, extra_k, extra_v)
     lse = lse.reshape(B, H, -1).contiguous()
     # softmax: delta = rowsum(dO * O); sigmoid scoring does not read it.
     delta = (dof.float() * _flat(out).float()).sum(-1) if score == "softmax" else lse
-    dq = torch.empty_like(qf)
-    dk, dv = torch.empty_like(kf), torch.empty_like(vf)
-    drpb = None if rpb is None else torch.zeros(rpb.shape, device=q.device, dtype=torch.float32)
-    rpb_arg = q if rpb is None else rpb.contiguous()
+    # The backward kernels store contiguous (B, H, N, D) layouts.
+    dq, dk, dv = qf.new_empty(qf.shape), kf.new_empty(kf.shape), vf.new_empty(vf.shape)
+    kind, ba, bb = _bias_args(q, bias)
+    dba = dbb = q
+    if bias is not None:
+        dba = torch.zeros(ba.shape, device=q.device, dtype=torch.float32)
+        dbb = dba if bias.kind == BIAS_TABLE.value else torch.zeros(bb.shape, device=q.device, dtype=torch.float32)
     common = (H, H // k.shape[1], q.shape[-1])
     scalars = (scale, scale * _LOG2E, sigmoid_bias * _LOG2E)
 
-    def dkdv(kf_, vf_, dk_, dv_, geo_, has_rpb):
-        consts = _constexprs(q, geo_, score, has_rpb, "dkdv")
+    def dkdv(kf_, vf_, dk_, dv_, geo_, kind_):
+        consts = _constexprs(q, geo_, score, kind_, "dkdv")
         grid = (_tiles(geo_.kv_grid, (consts["KT0"], consts["KT1"], consts["KT2"])), B * k.shape[1])
-        _attn_bwd_dkdv[grid](qf, kf_, vf_, dof, lse, delta, dk_, dv_, rpb_arg, *_strides(qf, kf_, vf_, dof),
+        _attn_bwd_dkdv[grid](qf, kf_, vf_, dof, lse, delta, dk_, dv_, ba, bb, *_strides(qf, kf_, vf_, dof),
                              *common, *geo_.scalars(), *scalars, **consts)
 
-    dkdv(kf, vf, dk, dv, geo, rpb is not None)
+    dkdv(kf, vf, dk, dv, geo, kind)
     dek = dev = None
     if n_extra:
         # Extra tokens are seen by every query: the dense dK/dV pass, normalized by the full softmax's lse.
-        dek, dev = torch.empty_like(ek), torch.empty_like(ev)
-        dkdv(ek, ev, dek, dev, geo._replace(kv_grid=(1, 1, n_extra), mode=MODE_DENSE.value, causal=0), False)
+        dek, dev = ek.new_empty(ek.shape), ev.new_empty(ev.shape)
+        dense = geo._replace(kv_grid=(1, 1, n_extra), mode=MODE_DENSE.value, causal=0)
+        dkdv(ek, ev, dek, dev, dense, BIAS_NONE.value)
         dek, dev = dek.view(extra_k.shape), dev.view(extra_v.shape)
-    consts = _constexprs(q, geo, score, rpb is not None, "dq")
+    consts = _constexprs(q, geo, score, kind, "dq")
     grid = (_tiles(geo.q_grid, (consts["QT0"], consts["QT1"], consts["QT2"])), B * H)
-    _attn_bwd_dq[grid](qf, kf, vf, dof, lse, delta, dq, rpb_arg, q if drpb is None else drpb, ek, ev,
+    _attn_bwd_dq[grid](qf, kf, vf, dof, lse, delta, dq, ba, bb, dba, dbb, ek, ev,
                        *_strides(qf, kf, vf, dof, ek, ev), *common, n_extra, *geo.scalars(), *scalars, **consts)
-    drpb = None if drpb is None else drpb.to(rpb.dtype)
-    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), drpb, dek, dev
+    dbias = None if bias is None else (dba, dbb)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dbias, dek, dev

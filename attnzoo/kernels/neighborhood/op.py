@@ -29,6 +29,10 @@ def _torch_impl():
     return torch_impl
 
 
+def _table(tk, rpb):
+    return None if rpb is None else tk.Bias(tk.BIAS_TABLE.value, rpb, rpb)
+
+
 @torch.library.custom_op("attnzoo::na_fwd", mutates_args=())
 def na_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, extra_k: torch.Tensor | None,
@@ -39,14 +43,14 @@ def na_fwd(
     if backend == "triton":
         tk = _triton()
         geo = tk.neighborhood_geometry(q, kernel_size, dilation, stride, causal)
-        return tk.attention_fwd(q, k, v, geo, scale, "softmax", 0.0, rpb, extra_k, extra_v)
+        return tk.attention_fwd(q, k, v, geo, scale, "softmax", 0.0, _table(tk, rpb), extra_k, extra_v)
     return _torch_impl().na_fwd(q, k, v, kernel_size, dilation, stride, causal, scale, rpb, extra_k, extra_v)
 
 
 @na_fwd.register_fake
 def _(q, k, v, rpb, extra_k, extra_v, kernel_size, dilation, stride, causal, scale, backend):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
 
 
 @torch.library.custom_op("attnzoo::na_bwd", mutates_args=())
@@ -59,7 +63,9 @@ def na_bwd(
     if backend == "triton":
         tk = _triton()
         geo = tk.neighborhood_geometry(q, kernel_size, dilation, stride, causal)
-        grads = tk.attention_bwd(do, q, k, v, out, lse, geo, scale, "softmax", 0.0, rpb, extra_k, extra_v)
+        dq, dk, dv, dbias, dek, dev = tk.attention_bwd(do, q, k, v, out, lse, geo, scale, "softmax", 0.0,
+                                                       _table(tk, rpb), extra_k, extra_v)
+        grads = (dq, dk, dv, None if dbias is None else dbias[0].to(rpb.dtype), dek, dev)
     else:
         grads = _torch_impl().na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale, rpb,
                                      extra_k, extra_v)
@@ -69,9 +75,9 @@ def na_bwd(
 @na_bwd.register_fake
 def _(do, q, k, v, out, lse, rpb, extra_k, extra_v, kernel_size, dilation, stride, causal, scale, backend):
     def like(t):
-        return q.new_empty(0) if t is None else torch.empty_like(t)
+        return q.new_empty(0) if t is None else t.new_empty(t.shape)
 
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(rpb), like(extra_k), like(extra_v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(rpb), like(extra_k), like(extra_v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -13,7 +13,8 @@ Memory is linear in the token count and no (N, N) matrix is ever formed. How:
   and cached.
 * **Batched matmuls.** Queries and boxes are gathered with ``index_select``; scores are one batched
   ``matmul`` over (batch·kv-head, tile) with the GQA query heads of a kv head stacked in the rows, then
-  masked, soft-maxed (max-subtracted ``exp``, normaliser applied to the output) and multiplied by V.
+  masked, soft-maxed (max-subtracted ``exp2`` of base-2 scores, normaliser applied to the output) and
+  multiplied by V.
   Extra (global/register) tokens are appended to the token axis of K/V and to every box as always-visible
   columns. Tiles are processed in chunks that keep the score block under ``_CHUNK_ELEMENTS``.
 * **Backward** recomputes P per chunk from the saved LSE (padded query rows get LSE = +inf, so P = 0 and
@@ -58,7 +59,7 @@ def default_tiles(spatial: tuple[int, ...], kernel_size: tuple[int, ...]) -> tup
     """
     n = len(spatial)
     if n == 1:
-        return (max(16, min(128, kernel_size[0])),)
+        return (max(16, min(128, 2 * kernel_size[0])),)
     return (8,) * n if n == 2 else (4,) * n
 
 
@@ -265,7 +266,7 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
 
     dk_acc = torch.zeros(bh, n_tok + extra, dim, dtype=cdt, device=q.device)
     dv_acc = torch.zeros(bh, n_tok + extra, dim, dtype=cdt, device=q.device)
-    drpb = None if rpb is None else torch.zeros(rpb[0].numel(), heads, dtype=cdt, device=q.device)  # (table, H)
+    drpb = None if rpb is None else torch.zeros(heads, rpb[0].numel(), dtype=cdt, device=q.device)
     dqs = []
     box_e = plan.box + extra
     for a, b in _chunks(plan, bh):
@@ -288,21 +289,22 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
         dv_acc.index_add_(1, rows, dv_t.view(bh, nt * box_e, dim))
         if drpb is not None:
             d6 = ds.view(batch, kv_heads, nt, group, plan.tq, box_e)[..., :plan.box].sum(0)
-            # (H_kv, nt, G, Tq, box) -> (nt, Tq, box, H_kv, G) rows of the flat bias index
-            src = d6.permute(1, 3, 4, 0, 2).reshape(nt * plan.tq * plan.box, heads)
+            # (H_kv, nt, G, Tq, box) -> (H, nt·Tq·box), summed into the table along its flat bias index
+            src = d6.transpose(1, 2).reshape(heads, nt * plan.tq * plan.box)
             per = plan.tq * plan.box
-            drpb.index_add_(0, plan.rel_index[a * per:b * per], src)
+            drpb.index_add_(1, plan.rel_index[a * per:b * per], src)
         del ds
 
     dq_t = dqs[0] if len(dqs) == 1 else torch.cat(dqs, 1)
     dq = dq_t.view(bh, -1, dim).index_select(1, plan.inv_index).to(q.dtype).view(q.shape)
 
     def split(acc, t, e):
-        main = acc[:, :n_tok].reshape(t.shape).to(t.dtype)
-        return main, (None if e is None else acc[:, n_tok:].reshape(e.shape).to(e.dtype))
+        # Separate copies: a custom op's outputs must not alias one another.
+        main = acc[:, :n_tok].reshape(t.shape).to(t.dtype, memory_format=torch.contiguous_format, copy=True)
+        return main, (None if e is None else acc[:, n_tok:].reshape(e.shape).to(e.dtype, copy=True))
 
     dk, dek = split(dk_acc, k, extra_k)
     dv, dev = split(dv_acc, v, extra_v)
     if drpb is not None:
-        drpb = drpb.t().reshape(rpb.shape).to(rpb.dtype)
+        drpb = drpb.reshape(rpb.shape).to(rpb.dtype)
     return dq, dk, dv, drpb, dek, dev

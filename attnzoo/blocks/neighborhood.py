@@ -1,0 +1,248 @@
+"""Neighborhood attention blocks (design §2.3): NATTEN's ``NeighborhoodAttention{1,2,3}D`` on the ``na*d`` ops.
+
+Channels-last like NATTEN / NAT: ``forward(x)`` takes (B, *spatial, C) and returns the same shape. On top of
+NATTEN's module: GQA/MQA (``num_kv_heads``), qk-norm, NAT's learnable relative-position bias (``rpb``, removed
+from NATTEN in 0.20), and extra key/value tokens that every query sees in the same softmax: learnable
+registers (``num_extra_tokens``) and/or external global or cross tokens passed as ``forward(x, extra)``.
+
+With ``num_kv_heads == num_heads`` the parameters are named and shaped like NATTEN's / timm's (``qkv``,
+``proj``, NAT's ``rpb``); with fewer kv heads the projection is split into ``q`` and ``kv``.
+One generic class serves all ranks; ``NeighborhoodAttention1d/2d/3d`` only fix the number of grid axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnzoo.kernels import BACKENDS
+from attnzoo.kernels.neighborhood import na1d, na2d, na3d
+
+__all__ = ["NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d"]
+
+_OPS = {1: na1d, 2: na2d, 3: na3d}
+_AXES = {1: "L", 2: "X, Y", 3: "X, Y, Z"}
+
+_ARGS_DOC = """\
+Args:
+    dim: token width C.
+    num_heads: query heads H; ``dim`` must be divisible by it (head dim D = C / H).
+    kernel_size: neighborhood size per axis (an int or a per-axis tuple), >= 2. Every query sees exactly
+        ``kernel_size`` keys per axis; windows shift inward at the borders (NATTEN semantics). It must not
+        exceed the grid (``kernel_size * dilation <= extent``), which the op checks at forward time.
+    dilation: per-axis dilation, >= 1.
+    stride: per-axis query stride (GNA), in ``[1, kernel_size]``: groups of ``stride`` queries share the
+        window of the group's centre query; ``stride == kernel_size`` is blocked (Swin-style) attention.
+    is_causal: per-axis causality; a causal axis sees only the current and earlier positions.
+    num_kv_heads: key/value heads H_kv (GQA; 1 = MQA); None = ``num_heads``. Must divide ``num_heads``.
+    qkv_bias: bias in the q/k/v projections.
+    qk_norm: normalize q and k per head (``norm_layer(D)``) before the scores.
+    rel_pos_bias: learnable NAT-style relative-position bias ``rpb`` of shape (H, 2k-1 per axis),
+        trunc-normal(std=0.02) initialised; stride 1 only.
+    num_extra_tokens: E learnable register tokens ``extra_kv`` (E, C); projected by the k/v projection,
+        they are keys/values that every query sees (no positional bias). 0 = none.
+    qk_scale: logit scale; None = 1/sqrt(D) (NATTEN's argument).
+    proj_drop: dropout after the output projection.
+    norm_layer: constructor of the qk-norm layer, called as ``norm_layer(D, device=, dtype=)``.
+    backend: kernel backend passed to the ``na*d`` op (None = automatic: Triton on CUDA, torch elsewhere).
+
+Shapes: ``forward(x, extra=None)``: x (B, *spatial, C) -> (B, *spatial, C); ``extra`` (B, E', C) are
+optional external tokens (global / cross) projected like the registers and seen by every query.
+"""
+
+IntOrTuple = int | tuple[int, ...]
+BoolOrTuple = bool | tuple[bool, ...]
+
+
+class _NeighborhoodAttention(nn.Module):
+    __doc__ = "Neighborhood attention over a grid of ``spatial`` axes (fixed by the subclasses).\n\n" + _ARGS_DOC
+
+    spatial: ClassVar[int]
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: IntOrTuple,
+        dilation: IntOrTuple = 1,
+        stride: IntOrTuple = 1,
+        is_causal: BoolOrTuple = False,
+        num_kv_heads: int | None = None,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        rel_pos_bias: bool = False,
+        num_extra_tokens: int = 0,
+        qk_scale: float | None = None,
+        proj_drop: float = 0.0,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        n = self.spatial
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _validate_heads(dim, num_heads, num_kv_heads)
+        self.kernel_size = _per_axis("kernel_size", kernel_size, n, int)
+        self.dilation = _per_axis("dilation", dilation, n, int)
+        self.stride = _per_axis("stride", stride, n, int)
+        self.is_causal = _per_axis("is_causal", is_causal, n, bool)
+        _validate_window(self.kernel_size, self.dilation, self.stride, rel_pos_bias)
+        _validate_rest(num_extra_tokens, qk_scale, proj_drop, backend)
+        dd = {"device": device, "dtype": dtype}
+        self.dim = dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5 if qk_scale is None else float(qk_scale)
+        self.num_extra_tokens = num_extra_tokens
+        self.backend = backend
+
+        kv_dim = num_kv_heads * self.head_dim
+        if num_kv_heads == num_heads:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)  # NATTEN's / timm's fused layout: [q | k | v]
+        else:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+            self.kv = nn.Linear(dim, 2 * kv_dim, bias=qkv_bias, **dd)  # [k | v]
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in self.kernel_size), **dd))
+            nn.init.trunc_normal_(self.rpb, std=0.02)
+        else:
+            self.register_parameter("rpb", None)
+        if num_extra_tokens:
+            self.extra_kv = nn.Parameter(torch.empty(num_extra_tokens, dim, **dd))
+            nn.init.trunc_normal_(self.extra_kv, std=0.02)
+        else:
+            self.register_parameter("extra_kv", None)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Heads-first projections of x (B, *spatial, C): q (B, H, *spatial, D), k/v (B, H_kv, *spatial, D)."""
+        n = self.spatial
+        heads_first = (n + 1, 0, n + 2, *range(1, n + 1), n + 3)  # (B, *S, 3|2, H, D) -> (3|2, B, H, *S, D)
+        lead = x.shape[:-1]
+        if self.num_kv_heads == self.num_heads:
+            q, k, v = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim).permute(heads_first)
+        else:
+            q = self.q(x).reshape(*lead, self.num_heads, self.head_dim).movedim(-2, 1)
+            kv = self.kv(x).reshape(*lead, 2, self.num_kv_heads, self.head_dim).permute(heads_first)
+            k, v = kv.unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def project_extra(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """k/v of extra tokens (B, E, C) through the block's k/v projection: (B, H_kv, E, D) each, k normed."""
+        if self.num_kv_heads == self.num_heads:
+            bias = None if self.qkv.bias is None else self.qkv.bias[self.dim :]
+            kv = F.linear(tokens, self.qkv.weight[self.dim :], bias)  # the [k | v] rows only
+        else:
+            kv = self.kv(tokens)
+        B, E, _ = tokens.shape
+        k, v = kv.reshape(B, E, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.k_norm(k), v
+
+    def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        """x: (B, *spatial, C) -> (B, *spatial, C); ``extra``: optional (B, E, C) tokens every query sees."""
+        self._check_inputs(x, extra)
+        B = x.shape[0]
+        # Contiguous heads-first operands: the kernels read them as flat (B*H, N, D) rows (the copy happens here
+        # or inside the op anyway), and the op's fake (compile-time) output takes q's strides.
+        q, k, v = (t.contiguous() for t in self.project_qkv(x))
+        tokens = None if self.extra_kv is None else self.extra_kv.expand(B, -1, -1)
+        if extra is not None:
+            tokens = extra if tokens is None else torch.cat([tokens, extra], dim=1)
+        extra_k, extra_v = (None, None) if tokens is None else (t.contiguous() for t in self.project_extra(tokens))
+        op = _OPS[self.spatial]
+        window = (self.kernel_size, self.dilation, self.stride, self.is_causal)
+        out = op(q, k, v, *window, self.rpb, extra_k, extra_v, scale=self.scale, backend=self.backend)
+        out = out.movedim(1, -2).reshape(x.shape)  # (B, H, *S, D) -> (B, *S, H*D)
+        return self.proj_drop(self.proj(out))
+
+    def _check_inputs(self, x: Tensor, extra: Tensor | None) -> None:
+        n, C = self.spatial, self.dim
+        if x.dim() != n + 2 or x.shape[-1] != C:
+            raise ValueError(f"x must have shape (B, {_AXES[n]}, C={C}) (channels last); got {tuple(x.shape)}")
+        if extra is not None and (extra.dim() != 3 or extra.shape[0] != x.shape[0] or extra.shape[-1] != C):
+            raise ValueError(f"extra must have shape (B={x.shape[0]}, E, C={C}) to match x; got {tuple(extra.shape)}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"kernel_size={self.kernel_size}, dilation={self.dilation}, stride={self.stride}, "
+            f"is_causal={self.is_causal}, rel_pos_bias={self.rpb is not None}, "
+            f"num_extra_tokens={self.num_extra_tokens}, backend={self.backend!r}"
+        )
+
+
+class NeighborhoodAttention1d(_NeighborhoodAttention):
+    __doc__ = "1-D neighborhood attention block (NATTEN's ``NeighborhoodAttention1D``): x (B, L, C) -> (B, L, C).\n\n"
+    __doc__ += _ARGS_DOC
+    spatial = 1
+
+
+class NeighborhoodAttention2d(_NeighborhoodAttention):
+    __doc__ = "2-D neighborhood attention block (NATTEN's ``NeighborhoodAttention2D``): x (B, X, Y, C) -> same.\n\n"
+    __doc__ += _ARGS_DOC
+    spatial = 2
+
+
+class NeighborhoodAttention3d(_NeighborhoodAttention):
+    __doc__ = "3-D neighborhood attention block (NATTEN's ``NeighborhoodAttention3D``): x (B, X, Y, Z, C) -> same.\n\n"
+    __doc__ += _ARGS_DOC
+    spatial = 3
+
+
+def _per_axis(name: str, value: object, n: int, kind: type) -> tuple:
+    """An int/bool or a length-n tuple/list of them, as a length-n tuple (a bool is not accepted as an int)."""
+    values = tuple(value) if isinstance(value, list | tuple) else (value,) * n
+    if len(values) != n or not all(isinstance(x, kind) and (kind is bool or not isinstance(x, bool)) for x in values):
+        raise TypeError(f"{name}={value!r} must be a {kind.__name__} or a tuple of {n} {kind.__name__}s")
+    return values
+
+
+def _validate_heads(dim: int, num_heads: int, num_kv_heads: int) -> None:
+    # Checked once at construction so a bad config fails with a readable message, not a reshape error.
+    if dim < 1:
+        raise ValueError(f"dim={dim} must be a positive integer")
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f"num_heads={num_heads} must be a positive divisor of dim={dim}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads={num_kv_heads} must be a positive divisor of num_heads={num_heads} "
+            "(1 = multi-query, num_heads = plain multi-head)"
+        )
+
+
+def _validate_window(kernel_size: tuple, dilation: tuple, stride: tuple, rel_pos_bias: bool) -> None:
+    # The grid-dependent limits (kernel_size * dilation <= extent) are checked by the op at forward time.
+    if any(k < 2 for k in kernel_size):
+        raise ValueError(f"kernel_size={kernel_size} must be >= 2 on every axis")
+    if any(d < 1 for d in dilation):
+        raise ValueError(f"dilation={dilation} must be >= 1 on every axis")
+    if any(not 1 <= s <= k for s, k in zip(stride, kernel_size, strict=True)):
+        raise ValueError(f"stride={stride} must be in [1, kernel_size] on every axis (kernel_size={kernel_size})")
+    if rel_pos_bias and any(s != 1 for s in stride):
+        raise ValueError(
+            f"rel_pos_bias=True needs stride 1 on every axis (the NAT bias table is defined for unstrided "
+            f"windows only); got stride={stride}"
+        )
+
+
+def _validate_rest(num_extra_tokens: int, qk_scale: float | None, proj_drop: float, backend: str | None) -> None:
+    if isinstance(num_extra_tokens, bool) or not isinstance(num_extra_tokens, int) or num_extra_tokens < 0:
+        raise ValueError(f"num_extra_tokens={num_extra_tokens!r} must be an integer >= 0")
+    if qk_scale is not None and (
+        isinstance(qk_scale, bool) or not isinstance(qk_scale, int | float) or not 0 < qk_scale < math.inf
+    ):
+        raise ValueError(f"qk_scale={qk_scale!r} must be a finite float > 0 (or None for 1/sqrt(head_dim))")
+    if not 0.0 <= proj_drop < 1.0:
+        raise ValueError(f"proj_drop={proj_drop} must be in [0, 1)")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a known backend; accepted values: None, {list(BACKENDS)}")
