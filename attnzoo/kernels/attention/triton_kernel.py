@@ -307,6 +307,31 @@ def _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, 
 
 
 @triton.jit
+def _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask, KS0, KS1, KS2, DL1, DL2,
+              KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr):
+    """The t-th key tile of a box (first tiles f*, counts n*): coordinates, in-grid mask, K and V."""
+    kc0, kc1, kc2, kflat, kvalid = _tile(
+        (f0 + t // (n1 * n2)) * KT0, (f1 + (t // n2) % n1) * KT1, (f2 + t % n2) * KT2,
+        KS0, KS1, KS2, KT0, KT1, KT2)
+    kaddr, kin = _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE, CAUSAL)
+    kmask = kin[:, None] & dmask[None, :]
+    k = tl.load(K + kaddr[:, None] * skn + d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + kaddr[:, None] * svn + d[None, :], mask=kmask, other=0.0)
+    return kc0, kc1, kc2, kflat, kvalid, k, v
+
+
+@triton.jit
+def _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, NE, T: tl.constexpr):
+    """Extra tokens [e0, e0 + T): valid mask, K and V."""
+    e = e0 + tl.arange(0, T)
+    evalid = e < NE
+    emask = evalid[:, None] & dmask[None, :]
+    k = tl.load(EK + e[:, None] * sekn + d[None, :], mask=emask, other=0.0)
+    v = tl.load(EV + e[:, None] * sevn + d[None, :], mask=emask, other=0.0)
+    return evalid, k, v
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, BA, BB, EK, EV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sekb, sekh, sekn, sevb, sevh, sevn,
@@ -340,13 +365,8 @@ def _attn_fwd(
                                            ST0, ST1, ST2, QT0, QT1, QT2, MODE, CAUSAL)
     f0, f1, f2, n0, n1, n2 = _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, KT0, KT1, KT2)
     for t in range(0, n0 * n1 * n2):
-        kc0, kc1, kc2, kflat, kvalid = _tile(
-            (f0 + t // (n1 * n2)) * KT0, (f1 + (t // n2) % n1) * KT1, (f2 + t % n2) * KT2,
-            KS0, KS1, KS2, KT0, KT1, KT2)
-        kaddr, kin = _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE, CAUSAL)
-        kmask = kin[:, None] & dmask[None, :]
-        k = tl.load(K + kaddr[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + kaddr[:, None] * svn + d[None, :], mask=kmask, other=0.0)
+        kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask,
+                                                       KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL)
         vis, bias, _, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h, row0,
                                       KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
                                       MODE, CAUSAL, BIAS)
@@ -356,11 +376,7 @@ def _attn_fwd(
     EK += b * sekb + hk * sekh
     EV += b * sevb + hk * sevh
     for e0 in range(0, NE, KT0 * KT1 * KT2):
-        e = e0 + tl.arange(0, KT0 * KT1 * KT2)
-        evalid = e < NE
-        emask = evalid[:, None] & dmask[None, :]
-        k = tl.load(EK + e[:, None] * sekn + d[None, :], mask=emask, other=0.0)
-        v = tl.load(EV + e[:, None] * sevn + d[None, :], mask=emask, other=0.0)
+        evalid, k, v = _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, NE, KT0 * KT1 * KT2)
         s = _scores(q, k, qvalid[:, None] & evalid[None, :], 0.0, scale_log2, sig_bias_log2, SCORE, PRECISION)
         m, l, acc = _softmax_step(m, l, acc, s, v, SCORE, PRECISION)
 
@@ -489,13 +505,8 @@ def _attn_bwd_dq(
                                            ST0, ST1, ST2, QT0, QT1, QT2, MODE, CAUSAL)
     f0, f1, f2, n0, n1, n2 = _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, KT0, KT1, KT2)
     for t in range(0, n0 * n1 * n2):
-        kc0, kc1, kc2, kflat, kvalid = _tile(
-            (f0 + t // (n1 * n2)) * KT0, (f1 + (t // n2) % n1) * KT1, (f2 + t % n2) * KT2,
-            KS0, KS1, KS2, KT0, KT1, KT2)
-        kaddr, kin = _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE, CAUSAL)
-        kmask = kin[:, None] & dmask[None, :]
-        k = tl.load(K + kaddr[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + kaddr[:, None] * svn + d[None, :], mask=kmask, other=0.0)
+        kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask,
+                                                       KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL)
         vis, bias, ia, ib = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h, row,
                                         KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
                                         MODE, CAUSAL, BIAS)
@@ -511,11 +522,7 @@ def _attn_bwd_dq(
     EK += b * sekb + hk * sekh
     EV += b * sevb + hk * sevh
     for e0 in range(0, NE, KT0 * KT1 * KT2):
-        e = e0 + tl.arange(0, KT0 * KT1 * KT2)
-        evalid = e < NE
-        emask = evalid[:, None] & dmask[None, :]
-        k = tl.load(EK + e[:, None] * sekn + d[None, :], mask=emask, other=0.0)
-        v = tl.load(EV + e[:, None] * sevn + d[None, :], mask=emask, other=0.0)
+        evalid, k, v = _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, NE, KT0 * KT1 * KT2)
         _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, qvalid[:, None] & evalid[None, :], 0.0,
                                    scale_log2, sig_bias_log2, SCORE, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
