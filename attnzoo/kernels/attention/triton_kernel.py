@@ -307,6 +307,24 @@ def _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, 
 
 
 @triton.jit
+def _query_tile(Q, sqb, sqh, sqn, H, G, D, QS0, QS1, QS2,
+                QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch x head, query tile): indices, coordinates, masks and the Q tile."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // G).to(tl.int64)
+    h = h.to(tl.int64)
+    o0, o1, o2 = _tile_origin(tl.program_id(0), QS1, QS2, QT0, QT1, QT2)
+    qc0, qc1, qc2, qflat, qvalid = _tile(o0, o1, o2, QS0, QS1, QS2, QT0, QT1, QT2)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    qmask = qvalid[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + qflat[:, None] * sqn + d[None, :], mask=qmask, other=0.0)
+    return bh, b, h, hk, o0, o1, o2, qc0, qc1, qc2, qflat, qvalid, d, dmask, qmask, q
+
+
+@triton.jit
 def _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask, KS0, KS1, KS2, DL1, DL2,
               KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr):
     """The t-th key tile of a box (first tiles f*, counts n*): coordinates, in-grid mask, K and V."""
@@ -343,17 +361,8 @@ def _attn_fwd(
 ):
     """One program per (query tile, batch x head): online softmax over the visible key tiles, then the
     ``NE`` extra tokens every query sees."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-    o0, o1, o2 = _tile_origin(tl.program_id(0), QS1, QS2, QT0, QT1, QT2)
-    qc0, qc1, qc2, qflat, qvalid = _tile(o0, o1, o2, QS0, QS1, QS2, QT0, QT1, QT2)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    qmask = qvalid[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + qflat[:, None] * sqn + d[None, :], mask=qmask, other=0.0)
+    bh, b, h, hk, o0, o1, o2, qc0, qc1, qc2, qflat, qvalid, d, dmask, qmask, q = _query_tile(
+        Q, sqb, sqh, sqn, H, G, D, QS0, QS1, QS2, QT0, QT1, QT2, BLOCK_D)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     row0 = bh.to(tl.int64) * (QS0 * QS1 * QS2)
@@ -482,17 +491,8 @@ def _attn_bwd_dq(
 ):
     """One program per (query tile, batch x head): the forward's key walk (neighborhood then extra tokens),
     accumulating dQ; the bias gradient is scattered into the fp32 table with atomics."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-    o0, o1, o2 = _tile_origin(tl.program_id(0), QS1, QS2, QT0, QT1, QT2)
-    qc0, qc1, qc2, qflat, qvalid = _tile(o0, o1, o2, QS0, QS1, QS2, QT0, QT1, QT2)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    qmask = qvalid[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + qflat[:, None] * sqn + d[None, :], mask=qmask, other=0.0)
+    bh, b, h, hk, o0, o1, o2, qc0, qc1, qc2, qflat, qvalid, d, dmask, qmask, q = _query_tile(
+        Q, sqb, sqh, sqn, H, G, D, QS0, QS1, QS2, QT0, QT1, QT2, BLOCK_D)
     do = tl.load(DO + b * sdob + h * sdoh + qflat[:, None] * sdon + d[None, :], mask=qmask, other=0.0)
     row = bh.to(tl.int64) * (QS0 * QS1 * QS2)
     lse2 = tl.load(LSE + row + qflat, mask=qvalid, other=0.0) * LOG2E
