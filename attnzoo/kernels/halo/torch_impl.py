@@ -340,7 +340,7 @@ def halo_bwd(do, q, k, v, out, lse, block_size, halo_size, pad_mode, rel_h, rel_
     if dtable is not None:
         rr = 2 * g.win - 1
         if rel_h is not None:
-            drel_h = dtable[:rr].to(rel_h.dtype).contiguous()
+            drel_h = dtable[:rr].to(rel_h.dtype, copy=True)  # copies: custom-op outputs must not alias
         if rel_w is not None:
-            drel_w = dtable[rr:].to(rel_w.dtype).contiguous()
+            drel_w = dtable[rr:].to(rel_w.dtype, copy=True)
     return dq, dk, dv, drel_h, drel_w

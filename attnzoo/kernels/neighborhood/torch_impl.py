@@ -299,9 +299,11 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
     dq = dq_t.view(bh, -1, dim).index_select(1, plan.inv_index).to(q.dtype).view(q.shape)
 
     def split(acc, t, e):
+        if e is None:
+            return acc.reshape(t.shape).to(t.dtype), None
         # Separate copies: a custom op's outputs must not alias one another.
         main = acc[:, :n_tok].reshape(t.shape).to(t.dtype, memory_format=torch.contiguous_format, copy=True)
-        return main, (None if e is None else acc[:, n_tok:].reshape(e.shape).to(e.dtype, copy=True))
+        return main, acc[:, n_tok:].reshape(e.shape).to(e.dtype, copy=True)
 
     dk, dek = split(dk_acc, k, extra_k)
     dv, dev = split(dv_acc, v, extra_v)
