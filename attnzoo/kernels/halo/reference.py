@@ -22,12 +22,13 @@ def _windows(t: torch.Tensor, block_size: int, halo_size: int, win: int) -> torc
 
 
 def halo_reference(
-    q, k, v, block_size, halo_size, pad_mode="zeros", rel_h=None, rel_w=None, scale=None
-) -> torch.Tensor:
+    q, k, v, block_size, halo_size, pad_mode="zeros", rel_h=None, rel_w=None, scale=None, *, return_lse=False
+):
     """q: (B, H, Xq, Yq, D), k/v: (B, H_kv, X, Y, D) -> (B, H, Xq, Yq, D); differentiable by autograd.
 
     ``pad_mode="zeros"``: window positions outside the map are keys with k = v = 0 that take part in the
     softmax (timm); ``"mask"``: they are excluded. ``rel_h``/``rel_w``: (2·win − 1, D) or None.
+    ``return_lse=True`` also returns the per-query log-sum-exp of the logits, (B, H, Xq, Yq).
     """
     if pad_mode not in ("zeros", "mask"):
         raise ValueError(f"pad_mode must be 'zeros' or 'mask', got {pad_mode!r}")
@@ -61,5 +62,11 @@ def halo_reference(
         ones = torch.ones(1, 1, X, Y, 1, dtype=torch.bool, device=q.device)
         inside = _windows(ones, bs, hs, win)[0, 0, :, :, :, 0]  # (nbx, nby, win·win)
         s = s.masked_fill(~inside[:, :, None, :], float("-inf"))
-    o = s.softmax(-1) @ vw  # (B, H, nbx, nby, bq·bq, D)
-    return o.reshape(B, H, nbx, nby, bq, bq, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, Xq, Yq, D)
+    o = s.softmax(-1) @ vw  # (B, H, nbx, nby, bq·bq, Dv)
+
+    def unblock(t):
+        c = t.shape[-1]
+        return t.reshape(B, H, nbx, nby, bq, bq, c).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, Xq, Yq, c)
+
+    o = unblock(o)
+    return (o, unblock(s.logsumexp(-1, keepdim=True))[..., 0]) if return_lse else o

@@ -31,8 +31,8 @@ from typing import NamedTuple
 
 import torch
 
-# Score elements per chunk (~4 MB of fp32 scores).
-_CHUNK_ELEMENTS = 1 << 20
+# Score elements per chunk (2 MB of fp32 scores: fastest on a 2-core CPU with 1 MB L2 per core).
+_CHUNK_ELEMENTS = 1 << 19
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 
@@ -297,7 +297,8 @@ def halo_bwd(do, q, k, v, out, lse, block_size, halo_size, pad_mode, rel_h, rel_
     """Gradients ``(dq, dk, dv, drel_h, drel_w)`` recomputed from the saved ``lse``; drel_* None for a None table."""
     ctx = _setup(q, k, v, block_size, halo_size, pad_mode, rel_h, rel_w, scale)
     g, work, cdt, table = ctx.g, ctx.work, ctx.cdt, ctx.table
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous whatever the inputs' strides: the views below must alias them
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dq_v = _q_view(dq, g)
     dk_v = dk.view(g.batch * g.kv_heads, g.x, g.y, g.dim)
     dv_v = dv.view(g.batch * g.kv_heads, g.x, g.y, g.dim_v)
