@@ -12,12 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from attnzoo.kernels import BACKENDS, SCORES, attention
+from attnzoo.blocks.qkv import QKVProjection, check_block_options
+from attnzoo.kernels import SCORES, attention
 
 __all__ = ["MultiHeadSelfAttention"]
 
 
-class MultiHeadSelfAttention(nn.Module):
+class MultiHeadSelfAttention(QKVProjection):
     """Multi-head self-attention over a token sequence.
 
     Args:
@@ -54,37 +55,14 @@ class MultiHeadSelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _validate(dim, num_heads, num_kv_heads, score, proj_drop, backend)
-        dd = {"device": device, "dtype": dtype}
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = dim // num_heads
+        _validate(score, proj_drop, backend)
+        self.init_qkv(dim, num_heads, num_kv_heads, qkv_bias, qk_norm, norm_layer, {"device": device, "dtype": dtype})
         self.scale = self.head_dim**-0.5
         self.score = score
         self.causal = causal
         self.backend = backend
-
-        kv_dim = num_kv_heads * self.head_dim
-        if num_kv_heads == num_heads:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)  # timm's fused layout: [q | k | v]
-        else:
-            self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-            self.kv = nn.Linear(dim, 2 * kv_dim, bias=qkv_bias, **dd)  # [k | v]
-        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
-
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Heads-first projections of x (B, N, C): q (B, H, N, D), k and v (B, H_kv, N, D), qk-normed."""
-        B, N, _ = x.shape
-        if self.num_kv_heads == self.num_heads:
-            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        else:
-            q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-            kv = self.kv(x).reshape(B, N, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            k, v = kv.unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, N, C) -> (B, N, C)."""
@@ -101,20 +79,7 @@ class MultiHeadSelfAttention(nn.Module):
         )
 
 
-def _validate(dim: int, num_heads: int, num_kv_heads: int, score: str, proj_drop: float, backend: str | None) -> None:
-    # Checked once at construction so a bad config fails with a readable message, not a reshape error.
-    if dim < 1:
-        raise ValueError(f"dim={dim} must be a positive integer")
-    if num_heads < 1 or dim % num_heads:
-        raise ValueError(f"num_heads={num_heads} must be a positive divisor of dim={dim}")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(
-            f"num_kv_heads={num_kv_heads} must be a positive divisor of num_heads={num_heads} "
-            "(1 = multi-query, num_heads = plain multi-head)"
-        )
+def _validate(score: str, proj_drop: float, backend: str | None) -> None:
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not supported; accepted values: {list(SCORES)}")
-    if not 0.0 <= proj_drop < 1.0:
-        raise ValueError(f"proj_drop={proj_drop} must be in [0, 1)")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a known backend; accepted values: None, {list(BACKENDS)}")
+    check_block_options(proj_drop, backend)

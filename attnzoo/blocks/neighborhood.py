@@ -17,11 +17,11 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo.kernels import BACKENDS
+from attnzoo.blocks.qkv import QKVProjection, check_block_options
 from attnzoo.kernels.neighborhood import na1d, na2d, na3d
+from attnzoo.kernels.validate import per_axis
 
 __all__ = ["NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d"]
 
@@ -59,7 +59,7 @@ IntOrTuple = int | tuple[int, ...]
 BoolOrTuple = bool | tuple[bool, ...]
 
 
-class _NeighborhoodAttention(nn.Module):
+class _NeighborhoodAttention(QKVProjection):
     __doc__ = "Neighborhood attention over a grid of ``spatial`` axes (fixed by the subclasses).\n\n" + _ARGS_DOC
 
     spatial: ClassVar[int]
@@ -87,30 +87,17 @@ class _NeighborhoodAttention(nn.Module):
         super().__init__()
         n = self.spatial
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _validate_heads(dim, num_heads, num_kv_heads)
-        self.kernel_size = _per_axis("kernel_size", kernel_size, n, int)
-        self.dilation = _per_axis("dilation", dilation, n, int)
-        self.stride = _per_axis("stride", stride, n, int)
-        self.is_causal = _per_axis("is_causal", is_causal, n, bool)
+        self.kernel_size = per_axis("kernel_size", kernel_size, n, int)
+        self.dilation = per_axis("dilation", dilation, n, int)
+        self.stride = per_axis("stride", stride, n, int)
+        self.is_causal = per_axis("is_causal", is_causal, n, bool)
         _validate_window(self.kernel_size, self.dilation, self.stride, rel_pos_bias)
         _validate_rest(num_extra_tokens, qk_scale, proj_drop, backend)
         dd = {"device": device, "dtype": dtype}
-        self.dim = dim
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = dim // num_heads
+        self.init_qkv(dim, num_heads, num_kv_heads, qkv_bias, qk_norm, norm_layer, dd)
         self.scale = self.head_dim**-0.5 if qk_scale is None else float(qk_scale)
         self.num_extra_tokens = num_extra_tokens
         self.backend = backend
-
-        kv_dim = num_kv_heads * self.head_dim
-        if num_kv_heads == num_heads:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)  # NATTEN's / timm's fused layout: [q | k | v]
-        else:
-            self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-            self.kv = nn.Linear(dim, 2 * kv_dim, bias=qkv_bias, **dd)  # [k | v]
-        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in self.kernel_size), **dd))
             nn.init.trunc_normal_(self.rpb, std=0.02)
@@ -124,30 +111,6 @@ class _NeighborhoodAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Heads-first projections of x (B, *spatial, C): q (B, H, *spatial, D), k/v (B, H_kv, *spatial, D)."""
-        n = self.spatial
-        heads_first = (n + 1, 0, n + 2, *range(1, n + 1), n + 3)  # (B, *S, 3|2, H, D) -> (3|2, B, H, *S, D)
-        lead = x.shape[:-1]
-        if self.num_kv_heads == self.num_heads:
-            q, k, v = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim).permute(heads_first)
-        else:
-            q = self.q(x).reshape(*lead, self.num_heads, self.head_dim).movedim(-2, 1)
-            kv = self.kv(x).reshape(*lead, 2, self.num_kv_heads, self.head_dim).permute(heads_first)
-            k, v = kv.unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
-
-    def project_extra(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """k/v of extra tokens (B, E, C) through the block's k/v projection: (B, H_kv, E, D) each, k normed."""
-        if self.num_kv_heads == self.num_heads:
-            bias = None if self.qkv.bias is None else self.qkv.bias[self.dim :]
-            kv = F.linear(tokens, self.qkv.weight[self.dim :], bias)  # the [k | v] rows only
-        else:
-            kv = self.kv(tokens)
-        B, E, _ = tokens.shape
-        k, v = kv.reshape(B, E, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return self.k_norm(k), v
-
     def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
         """x: (B, *spatial, C) -> (B, *spatial, C); ``extra``: optional (B, E, C) tokens every query sees."""
         self._check_inputs(x, extra)
@@ -158,7 +121,7 @@ class _NeighborhoodAttention(nn.Module):
         tokens = None if self.extra_kv is None else self.extra_kv.expand(B, -1, -1)
         if extra is not None:
             tokens = extra if tokens is None else torch.cat([tokens, extra], dim=1)
-        extra_k, extra_v = (None, None) if tokens is None else (t.contiguous() for t in self.project_extra(tokens))
+        extra_k, extra_v = (None, None) if tokens is None else (t.contiguous() for t in self.project_kv(tokens))
         op = _OPS[self.spatial]
         window = (self.kernel_size, self.dilation, self.stride, self.is_causal)
         out = op(q, k, v, *window, self.rpb, extra_k, extra_v, scale=self.scale, backend=self.backend)
@@ -199,27 +162,6 @@ class NeighborhoodAttention3d(_NeighborhoodAttention):
     spatial = 3
 
 
-def _per_axis(name: str, value: object, n: int, kind: type) -> tuple:
-    """An int/bool or a length-n tuple/list of them, as a length-n tuple (a bool is not accepted as an int)."""
-    values = tuple(value) if isinstance(value, list | tuple) else (value,) * n
-    if len(values) != n or not all(isinstance(x, kind) and (kind is bool or not isinstance(x, bool)) for x in values):
-        raise TypeError(f"{name}={value!r} must be a {kind.__name__} or a tuple of {n} {kind.__name__}s")
-    return values
-
-
-def _validate_heads(dim: int, num_heads: int, num_kv_heads: int) -> None:
-    # Checked once at construction so a bad config fails with a readable message, not a reshape error.
-    if dim < 1:
-        raise ValueError(f"dim={dim} must be a positive integer")
-    if num_heads < 1 or dim % num_heads:
-        raise ValueError(f"num_heads={num_heads} must be a positive divisor of dim={dim}")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(
-            f"num_kv_heads={num_kv_heads} must be a positive divisor of num_heads={num_heads} "
-            "(1 = multi-query, num_heads = plain multi-head)"
-        )
-
-
 def _validate_window(kernel_size: tuple, dilation: tuple, stride: tuple, rel_pos_bias: bool) -> None:
     # The grid-dependent limits (kernel_size * dilation <= extent) are checked by the op at forward time.
     if any(k < 2 for k in kernel_size):
@@ -242,7 +184,4 @@ def _validate_rest(num_extra_tokens: int, qk_scale: float | None, proj_drop: flo
         isinstance(qk_scale, bool) or not isinstance(qk_scale, int | float) or not 0 < qk_scale < math.inf
     ):
         raise ValueError(f"qk_scale={qk_scale!r} must be a finite float > 0 (or None for 1/sqrt(head_dim))")
-    if not 0.0 <= proj_drop < 1.0:
-        raise ValueError(f"proj_drop={proj_drop} must be in [0, 1)")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a known backend; accepted values: None, {list(BACKENDS)}")
+    check_block_options(proj_drop, backend)

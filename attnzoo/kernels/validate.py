@@ -82,3 +82,11 @@ def check_triton_inputs(q: torch.Tensor) -> None:
         raise TypeError(f"backend='triton' supports dtypes {TRITON_DTYPES}; got q.dtype={q.dtype}")
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dim D in [1, {TRITON_MAX_HEAD_DIM}]; got D={q.shape[-1]}")
+
+
+def per_axis(name: str, value: object, n: int, kind: type) -> tuple:
+    """An int/bool or a length-n tuple/list of them, as a length-n tuple (a bool is not accepted as an int)."""
+    values = tuple(value) if isinstance(value, list | tuple) else (value,) * n
+    if len(values) != n or not all(isinstance(x, kind) and (kind is bool or not isinstance(x, bool)) for x in values):
+        raise TypeError(f"{name}={value!r} must be a {kind.__name__} or a tuple of {n} {kind.__name__}s")
+    return values

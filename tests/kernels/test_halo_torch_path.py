@@ -8,6 +8,7 @@ import torch
 
 from attnzoo.kernels.halo import torch_impl
 from attnzoo.kernels.halo.reference import halo_reference
+from attnzoo.kernels.precision import lse_dtype
 from tests.kernels.helpers import TOL, leaf64, poison_allocations, randn, rel_err
 
 timm_halo = pytest.importorskip("timm.layers.halo_attn")
@@ -52,7 +53,7 @@ def _check(case: str, dtype: torch.dtype, monkeypatch):
     out, lse = torch_impl.halo_fwd(q, k, v, bs, hs, mode, rel_h, rel_w, scale)
     grads = torch_impl.halo_bwd(do, q, k, v, out, lse, bs, hs, mode, rel_h, rel_w, scale)
     assert out.dtype == dtype and out.shape == do.shape
-    assert lse.dtype == torch_impl.lse_dtype(dtype) and lse.shape == q.shape[:-1]
+    assert lse.dtype == lse_dtype(dtype) and lse.shape == q.shape[:-1]
     names = ("dq", "dk", "dv", "drel_h", "drel_w")
     for name, g, t in zip(names, grads, inputs, strict=True):
         assert (g is None) == (t is None), name

@@ -10,6 +10,7 @@ import torch
 
 from attnzoo.kernels.neighborhood import semantics, torch_impl
 from attnzoo.kernels.neighborhood.reference import na_reference
+from attnzoo.kernels.precision import lse_dtype
 from tests.kernels.helpers import TOL, leaf64, poison_allocations, randn, rel_err
 
 # name: (grid, kernel_size, dilation, stride, causal, H, H_kv, E extra tokens, rpb)
@@ -72,7 +73,7 @@ def _check(case: str, dtype: torch.dtype, monkeypatch, batch: int = 2, dim: int 
     out, lse = torch_impl.na_fwd(q, k, v, *params, rpb, ek, ev)
     grads = torch_impl.na_bwd(do, q, k, v, out, lse, *params, rpb, ek, ev)
     assert out.dtype == dtype and out.shape == q.shape
-    assert lse.dtype == torch_impl.lse_dtype(dtype) and lse.shape == q.shape[:-1]
+    assert lse.dtype == lse_dtype(dtype) and lse.shape == q.shape[:-1]
     names = ("dq", "dk", "dv", "drpb", "dextra_k", "dextra_v")
     for name, g, t in zip(names, grads, inputs, strict=True):
         assert (g is None) == (t is None), name

@@ -16,6 +16,7 @@ from attnzoo.kernels import validate
 from attnzoo.kernels.attention import torch_impl
 from attnzoo.kernels.attention.reference import attention_reference
 from attnzoo.kernels.backend import resolve_backend
+from attnzoo.kernels.precision import lse_dtype
 
 SCORES = ("softmax", "sigmoid")
 
@@ -42,8 +43,7 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _(q, k, v, causal, scale, score, sigmoid_bias, backend):
     # Every implementation returns contiguous tensors.
-    lse_dtype = torch.float32 if backend == "triton" else torch_impl.lse_dtype(q.dtype)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())

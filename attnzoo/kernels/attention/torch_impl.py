@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from attnzoo.kernels.precision import compute_dtype, lse_dtype
+
 # Scores held at once per chunk (elements); bounds memory to ~64 MB of fp32 scores.
 _CHUNK_ELEMENTS = 1 << 24
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved log-sum-exp: fp32, or fp64 for fp64 inputs."""
-    return _compute_dtype(dtype)
 
 
 def _use_aten_flash(q: torch.Tensor, score: str) -> bool:
@@ -61,7 +55,7 @@ def attention_fwd(q, k, v, causal, scale, score, sigmoid_bias):
             q, _expand_kv(k, group), _expand_kv(v, group), 0.0, causal, scale=scale)
         # ATen lays both out heads-second in memory; the op's contract is contiguous (B, H, N, ...).
         return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     hkv = k.shape[1]
     qg = _grouped(q, hkv)
     kt, vc = k.to(cdt).transpose(-1, -2).unsqueeze(2), v.to(cdt).unsqueeze(2)
@@ -89,7 +83,7 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias):
             dk = _grouped(dk, k.shape[1]).sum(2)
             dv = _grouped(dv, k.shape[1]).sum(2)
         return dq, dk.to(k.dtype), dv.to(v.dtype)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     hkv = k.shape[1]
     qg, dog, og, lg = _grouped(q, hkv), _grouped(do, hkv), _grouped(out, hkv), _grouped(lse, hkv)
     kc, vc = k.to(cdt).unsqueeze(2), v.to(cdt).unsqueeze(2)

@@ -13,6 +13,7 @@ import torch
 from attnzoo.kernels import validate
 from attnzoo.kernels.backend import resolve_backend
 from attnzoo.kernels.halo.reference import halo_reference
+from attnzoo.kernels.precision import lse_dtype
 
 PAD_MODES = ("zeros", "mask")
 
@@ -52,8 +53,7 @@ def halo_fwd(
 
 @halo_fwd.register_fake
 def _(q, k, v, rel_h, rel_w, block_size, halo_size, pad_mode, scale, backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnzoo::halo_bwd", mutates_args=())

@@ -31,19 +31,11 @@ from typing import NamedTuple
 
 import torch
 
+from attnzoo.kernels.precision import LN2, LOG2E, compute_dtype
+
 # Score elements per chunk (2 MB of fp32 scores: fastest on a 2-core CPU with 1 MB L2 per core).
 _CHUNK_ELEMENTS = 1 << 19
-_LOG2E = 1.0 / math.log(2.0)
-_LN2 = math.log(2.0)
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved log-sum-exp: fp32, or fp64 for fp64 inputs."""
-    return _compute_dtype(dtype)
 
 
 class _Geom(NamedTuple):
@@ -220,7 +212,7 @@ def _rel_table(rel_h, rel_w, dim: int, win: int, cdt: torch.dtype, device):
     z = torch.zeros(2 * win - 1, dim, dtype=cdt, device=device)
     h = z if rel_h is None else rel_h.to(cdt)
     w = z if rel_w is None else rel_w.to(cdt)
-    return torch.cat([h, w]) * _LOG2E
+    return torch.cat([h, w]) * LOG2E
 
 
 class _Ctx(NamedTuple):
@@ -238,7 +230,7 @@ def _setup(q, k, v, block_size, halo_size, pad_mode, rel_h, rel_w, scale) -> _Ct
     if pad_mode not in ("zeros", "mask"):
         raise ValueError(f"pad_mode must be 'zeros' or 'mask', got {pad_mode!r}")
     g = _geometry(q, k, v, block_size, halo_size)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     scale = g.dim**-0.5 if scale is None else float(scale)
     table = _rel_table(rel_h, rel_w, g.dim, g.win, cdt, q.device)
     spread = None if table is None else _spread(g.win, cdt, str(q.device))
@@ -279,7 +271,7 @@ def halo_fwd(q, k, v, block_size, halo_size, pad_mode, rel_h, rel_w, scale):
         n = b - a
         qc = _q_blocks(q, g, a, b, work.get("q", n, g.blocks, g.rows, g.dim))
         kw = _kv_windows(k, g, a, b, work.get("kpad", n, xp, yp, g.dim, zero=True),
-                         work.get("kw", n, g.blocks, g.keys, g.dim), ctx.scale * _LOG2E)
+                         work.get("kw", n, g.blocks, g.keys, g.dim), ctx.scale * LOG2E)
         s = _scores(ctx, qc, kw, n)
         m = torch.amax(s, -1, keepdim=True, out=work.get("m", n, g.blocks, g.rows, 1))
         p = s.sub_(m).exp2_()
@@ -289,7 +281,7 @@ def halo_fwd(q, k, v, block_size, halo_size, pad_mode, rel_h, rel_w, scale):
         o = torch.matmul(p, vw, out=work.get("o", n, g.blocks, g.rows, g.dim_v)).div_(denom)
         shape = (n, g.nbx, g.nby, g.group, g.bq, g.bq, -1)
         out_v[a:b] = o.view(shape)
-        lse_v[a:b] = m.add_(denom.log2_()).mul_(_LN2).view(shape)
+        lse_v[a:b] = m.add_(denom.log2_()).mul_(LN2).view(shape)
     return out, lse
 
 
@@ -305,14 +297,14 @@ def halo_bwd(do, q, k, v, out, lse, block_size, halo_size, pad_mode, rel_h, rel_
     dtable = None if table is None else torch.zeros_like(table)
     xp, yp = g.x + 2 * g.hs, g.y + 2 * g.hs
     # per-query scalars laid out like q: the LSE in base 2 and delta = rowsum(dO ∘ O)
-    lse_delta = torch.stack([lse.to(cdt) * _LOG2E, (do.to(cdt) * out.to(cdt)).sum(-1)], -1)
+    lse_delta = torch.stack([lse.to(cdt) * LOG2E, (do.to(cdt) * out.to(cdt)).sum(-1)], -1)
     for a, b in ctx.chunks:
         n = b - a
         qc = _q_blocks(q, g, a, b, work.get("q", n, g.blocks, g.rows, g.dim))
         dob = _q_blocks(do, g, a, b, work.get("do", n, g.blocks, g.rows, g.dim_v))
         ld = _q_blocks(lse_delta, g, a, b, work.get("ld", n, g.blocks, g.rows, 2))
         kw = _kv_windows(k, g, a, b, work.get("kpad", n, xp, yp, g.dim, zero=True),
-                         work.get("kw", n, g.blocks, g.keys, g.dim), ctx.scale * _LOG2E)
+                         work.get("kw", n, g.blocks, g.keys, g.dim), ctx.scale * LOG2E)
         vw = _kv_windows(v, g, a, b, work.get("vpad", n, xp, yp, g.dim_v, zero=True),
                          work.get("vw", n, g.blocks, g.keys, g.dim_v))
         p = _scores(ctx, qc, kw, n).sub_(ld[..., :1]).exp2_()
@@ -323,7 +315,7 @@ def halo_bwd(do, q, k, v, out, lse, block_size, halo_size, pad_mode, rel_h, rel_
         dkw = torch.matmul(ds.transpose(-1, -2), qc, out=work.get("dkw", n, g.blocks, g.keys, g.dim))
         dk_v[a:b] = _fold_windows(dkw.mul_(ctx.scale), g, *_fold_buffers(work, "fk", g, n, g.dim))
         # kw carries scale·log2 e
-        dqc = torch.matmul(ds, kw, out=work.get("dq", n, g.blocks, g.rows, g.dim)).mul_(_LN2)
+        dqc = torch.matmul(ds, kw, out=work.get("dq", n, g.blocks, g.rows, g.dim)).mul_(LN2)
         if table is not None:
             # window-row and window-column sums of dS, (rows, 2·win), scattered into the table layout; the
             # skew views always hit the same entries of dT, whose others stay zero from its allocation
@@ -334,7 +326,7 @@ def halo_bwd(do, q, k, v, out, lse, block_size, halo_size, pad_mode, rel_h, rel_
             dth.copy_(da[..., :g.win])
             dtw.copy_(da[..., g.win:])
             dt2 = dt.view(-1, table.shape[0])
-            dqc.view(-1, g.dim).addmm_(dt2, table, alpha=_LN2)  # the table is in base-2 units
+            dqc.view(-1, g.dim).addmm_(dt2, table, alpha=LN2)  # the table is in base-2 units
             dtable.addmm_(dt2.transpose(0, 1), qc.view(-1, g.dim))
         dq_v[a:b] = dqc.view(n, g.nbx, g.nby, g.group, g.bq, g.bq, g.dim)
     drel_h = drel_w = None

@@ -13,6 +13,7 @@ from attnzoo.kernels import validate
 from attnzoo.kernels.backend import resolve_backend
 from attnzoo.kernels.neighborhood import semantics
 from attnzoo.kernels.neighborhood.reference import na_reference
+from attnzoo.kernels.precision import lse_dtype
 
 _NONE = torch.empty(0)
 
@@ -49,8 +50,7 @@ def na_fwd(
 
 @na_fwd.register_fake
 def _(q, k, v, rpb, extra_k, extra_v, kernel_size, dilation, stride, causal, scale, backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnzoo::na_bwd", mutates_args=())
@@ -98,14 +98,6 @@ def _backward(ctx, do, _dlse):
 na_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _per_axis(name: str, value, n: int, kind: type) -> tuple:
-    """An int/bool or a length-n tuple of them, as a length-n tuple."""
-    values = (value,) * n if isinstance(value, kind) else tuple(value) if isinstance(value, list | tuple) else None
-    if values is None or len(values) != n or not all(isinstance(x, kind) for x in values):
-        raise TypeError(f"{name}={value!r} must be a {kind.__name__} or a tuple of {n} {kind.__name__}s")
-    return values
-
-
 def _check_geometry(grid, kernel_size, dilation, stride) -> None:
     for a, (L, k, d, s) in enumerate(zip(grid, kernel_size, dilation, stride, strict=True)):
         if not 2 <= k <= L:
@@ -145,10 +137,10 @@ def neighborhood_attention(q, k, v, kernel_size, dilation=1, stride=1, is_causal
     """Shared body of ``na1d/na2d/na3d`` for ``spatial`` grid axes (see ``na2d``)."""
     validate.check_qkv(q, k, v, spatial=spatial, same_grid=True)
     grid = tuple(q.shape[2:-1])
-    kernel_size = _per_axis("kernel_size", kernel_size, spatial, int)
-    dilation = _per_axis("dilation", dilation, spatial, int)
-    stride = _per_axis("stride", stride, spatial, int)
-    causal = _per_axis("is_causal", is_causal, spatial, bool)
+    kernel_size = validate.per_axis("kernel_size", kernel_size, spatial, int)
+    dilation = validate.per_axis("dilation", dilation, spatial, int)
+    stride = validate.per_axis("stride", stride, spatial, int)
+    causal = validate.per_axis("is_causal", is_causal, spatial, bool)
     _check_geometry(grid, kernel_size, dilation, stride)
     _check_extras(q, k, rpb, extra_k, extra_v, kernel_size, stride)
     scale = validate.check_scale(scale, q.shape[-1])

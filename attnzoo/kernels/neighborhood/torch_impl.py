@@ -33,22 +33,11 @@ from typing import NamedTuple
 import torch
 
 from attnzoo.kernels.neighborhood import semantics
+from attnzoo.kernels.precision import LN2, LOG2E, compute_dtype
 
 # Score-block elements held at once (per chunk of tiles): ~64 MB of fp32 scores.
 _CHUNK_ELEMENTS = 1 << 24
-# Scores are kept in base 2 (logit·log2 e) and exponentiated with exp2: ATen's vectorised exp2 runs at the
-# same speed for every input, while exp takes a slow path on -inf (masked) and underflowing arguments.
-_LOG2E = 1.0 / math.log(2.0)
-_LN2 = math.log(2.0)
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved log-sum-exp: fp32, or fp64 for fp64 inputs."""
-    return _compute_dtype(dtype)
 
 
 def default_tiles(spatial: tuple[int, ...], kernel_size: tuple[int, ...]) -> tuple[int, ...]:
@@ -165,7 +154,7 @@ def plan_for(q_shape, kv_heads: int, kernel_size, dilation, stride, causal, extr
     tiles = tuple(tiles) if tiles is not None else default_tiles(spatial, ks)
     return _plan(spatial, ks, tuple(int(x) for x in dilation), tuple(int(x) for x in stride),
                  tuple(bool(x) for x in causal), tiles, int(extra), int(q_shape[1]) // kv_heads, bool(with_rel),
-                 str(device), _compute_dtype(dtype))
+                 str(device), compute_dtype(dtype))
 
 
 def _check(stride, rpb):
@@ -211,7 +200,7 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor, plan: _Plan, a: int, b: i
 
 def _bias_table(rpb, cdt):
     """(H, 2k0-1, ...) -> (H, table) in base-2 units, or None."""
-    return None if rpb is None else rpb.reshape(rpb.shape[0], -1).to(cdt) * _LOG2E
+    return None if rpb is None else rpb.reshape(rpb.shape[0], -1).to(cdt) * LOG2E
 
 
 def na_fwd(q, k, v, kernel_size, dilation, stride, causal, scale: float, rpb, extra_k, extra_v):
@@ -221,7 +210,7 @@ def na_fwd(q, k, v, kernel_size, dilation, stride, causal, scale: float, rpb, ex
     or None (tokens every query sees, no bias). ``lse`` is float32 (float64 for float64 inputs).
     """
     _check(stride, rpb)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     batch, kv_heads, dim = q.shape[0], k.shape[1], q.shape[-1]
     extra = 0 if extra_k is None else extra_k.shape[2]
     plan = plan_for(q.shape, kv_heads, kernel_size, dilation, stride, causal, extra, rpb is not None, q.device, q.dtype)
@@ -232,13 +221,13 @@ def na_fwd(q, k, v, kernel_size, dilation, stride, causal, scale: float, rpb, ex
 
     outs, lses = [], []
     for a, b in _chunks(plan, bh):
-        qt = _gather_rows(q3, plan.q_index, plan, a, b).to(cdt).mul_(scale * _LOG2E)
+        qt = _gather_rows(q3, plan.q_index, plan, a, b).to(cdt).mul_(scale * LOG2E)
         s = _scores(qt, _gather_rows(kf, plan.k_index, plan, a, b), plan, a, b, batch, kv_heads, table)
         m = s.amax(-1, keepdim=True)
         p = s.sub_(m).exp2_()
         denom = p.sum(-1, keepdim=True)
         outs.append(torch.matmul(p, _gather_rows(vf, plan.k_index, plan, a, b)).div_(denom))
-        lses.append(m.add_(denom.log2_()).mul_(_LN2))
+        lses.append(m.add_(denom.log2_()).mul_(LN2))
     o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     lse = lses[0] if len(lses) == 1 else torch.cat(lses, 1)
     out = o.view(bh, -1, dim).index_select(1, plan.inv_index).to(q.dtype).view(q.shape)
@@ -252,7 +241,7 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
     ``drpb``/``dextra_*`` are None where the input was None.
     """
     _check(stride, rpb)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     batch, heads, kv_heads, dim = q.shape[0], q.shape[1], k.shape[1], q.shape[-1]
     extra = 0 if extra_k is None else extra_k.shape[2]
     plan = plan_for(q.shape, kv_heads, kernel_size, dilation, stride, causal, extra, rpb is not None, q.device, q.dtype)
@@ -260,7 +249,7 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
     n_tok = math.prod(q.shape[2:-1])
     q3, do3 = q.reshape(bh, -1, dim), do.reshape(bh, -1, dim)
     delta3 = (do3.to(cdt) * out.reshape(bh, -1, dim).to(cdt)).sum(-1)  # (B*H_kv, G*N)
-    lse3 = lse.reshape(bh, -1).to(cdt) * _LOG2E
+    lse3 = lse.reshape(bh, -1).to(cdt) * LOG2E
     kf, vf = _kv_tokens(k, extra_k, cdt), _kv_tokens(v, extra_v, cdt)
     table = _bias_table(rpb, cdt)
 
@@ -271,7 +260,7 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
     box_e = plan.box + extra
     for a, b in _chunks(plan, bh):
         nt = b - a
-        qt = _gather_rows(q3, plan.q_index, plan, a, b).to(cdt).mul_(scale * _LOG2E)
+        qt = _gather_rows(q3, plan.q_index, plan, a, b).to(cdt).mul_(scale * LOG2E)
         dot = _gather_rows(do3, plan.q_index, plan, a, b).to(cdt)
         kt = _gather_rows(kf, plan.k_index, plan, a, b)
         vt = _gather_rows(vf, plan.k_index, plan, a, b)
@@ -282,7 +271,7 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
         ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta_t[..., None]).mul_(p)
         del p
         dqs.append(torch.matmul(ds, kt).mul_(scale))
-        dk_t = torch.matmul(ds.transpose(-1, -2), qt).mul_(_LN2)  # qt carries scale·log2 e
+        dk_t = torch.matmul(ds.transpose(-1, -2), qt).mul_(LN2)  # qt carries scale·log2 e
         rows = plan.k_index[a * box_e:b * box_e]
         # index_add_ along dim 1 runs serially; along dim 0 it is parallel and erratic on a busy 2-core CPU.
         dk_acc.index_add_(1, rows, dk_t.view(bh, nt * box_e, dim))
