@@ -35,3 +35,17 @@ def poison_allocations(monkeypatch) -> None:
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan_fill(new_empty(self, *a, **kw)))
+
+
+def assert_path_matches(label, dtype, names, inputs, grads, outputs, refs, ref_grads) -> None:
+    """A torch path's (out, lse) and gradients vs the oracle's: gradients exist exactly for the given inputs,
+    with their dtype and shape, and every relative error is within tolerance (1e-12 in float64)."""
+    for name, g, t in zip(names, grads, inputs, strict=True):
+        assert (g is None) == (t is None), name
+        if g is not None:
+            assert g.dtype == t.dtype and g.shape == t.shape, name
+    errors = {n: rel_err(o, r) for n, o, r in zip(("out", "lse"), outputs, refs, strict=True)}
+    present = [(n, g) for n, g in zip(names, grads, strict=True) if g is not None]
+    errors |= {n: rel_err(g, r) for (n, g), r in zip(present, ref_grads, strict=True)}
+    tol = 1e-12 if dtype == torch.float64 else TOL[dtype]
+    assert max(errors.values()) <= tol, f"{label}: {errors} > {tol}"

@@ -9,7 +9,7 @@ import torch
 from attnzoo.kernels.halo import torch_impl
 from attnzoo.kernels.halo.reference import halo_reference
 from attnzoo.kernels.precision import lse_dtype
-from tests.kernels.helpers import TOL, leaf64, poison_allocations, randn, rel_err
+from tests.kernels.helpers import assert_path_matches, leaf64, poison_allocations, randn, rel_err
 
 timm_halo = pytest.importorskip("timm.layers.halo_attn")
 
@@ -55,15 +55,7 @@ def _check(case: str, dtype: torch.dtype, monkeypatch):
     assert out.dtype == dtype and out.shape == do.shape
     assert lse.dtype == lse_dtype(dtype) and lse.shape == q.shape[:-1]
     names = ("dq", "dk", "dv", "drel_h", "drel_w")
-    for name, g, t in zip(names, grads, inputs, strict=True):
-        assert (g is None) == (t is None), name
-        if g is not None:
-            assert g.dtype == t.dtype and g.shape == t.shape, name
-    errors = {"out": rel_err(out, ref), "lse": rel_err(lse, ref_lse)}
-    present_grads = [(n, g) for n, g in zip(names, grads, strict=True) if g is not None]
-    errors |= {n: rel_err(g, r) for (n, g), r in zip(present_grads, ref_grads, strict=True)}
-    tol = 1e-12 if dtype == torch.float64 else TOL[dtype]
-    assert max(errors.values()) <= tol, f"{case} {dtype}: {errors} > {tol}"
+    assert_path_matches(f"{case} {dtype}", dtype, names, inputs, grads, (out, lse), (ref, ref_lse), ref_grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
