@@ -1,6 +1,7 @@
-"""Neighborhood attention (``na1d`` / ``na2d`` / ``na3d``) against its peers on the design §4 NA shapes.
+"""Local attention against its peers on the design §4 shapes: neighborhood attention (``na1d`` / ``na2d`` /
+``na3d``) and halo attention (``halo2d`` and the ``HaloAttention`` block vs timm's ``HaloAttn``).
 
-Three sections of ``docs/benchmarks.md``:
+Neighborhood attention (``--only na``), three sections of ``docs/benchmarks.md``:
 
 * ``local — cpu``: B=1, 56×56, H=4, D=32, fp32, k=7 and k=13. Forward: ours (``backend="torch"``) vs
   ``torch.compile(flex_attention)`` with a ``create_block_mask`` built from a NATTEN 2-D ``mask_mod``
@@ -19,13 +20,27 @@ Before timing, every candidate is checked: on CPU against dense-masked SDPA in f
 ‖ref‖``, output and max over dq, dk, dv) and in float64; on CUDA ours against compiled Flex in fp32 (bf16 if
 fp32 Flex fails). ``speed-up = peer ms / ours ms`` (> 1: ours is faster).
 
-    python benchmarks/local.py                     # auto device, writes docs/benchmarks.md
-    python benchmarks/local.py --quick --no-write  # smoke test (< 1 min on CPU)
+Halo attention (``--only halo``, CPU only; the issue's goal: ≥ 2× faster than timm's ``HaloAttn`` at ≤ 1.1× its
+memory), two sections:
+
+* ``local halo — cpu``: B=256, 16×16, C=256 (8 heads × 32), block 8, halo 2, fp32. **op**: ours
+  (``halo2d(..., backend="torch")`` on heads-first q, k, v) vs timm's attention core (``HaloAttn.forward`` after
+  the q / kv convs: pad, unfold, matmul, timm's own ``PosEmbedRel`` module, softmax, matmul, fold) on the same
+  q, k, v (in timm's conv layout) and tables; **block**: ``attnzoo.blocks.HaloAttention`` vs
+  ``timm.layers.halo_attn.HaloAttn`` with the same state dict. fwd and fwd+bwd, checked against timm in fp32 and
+  float64 first.
+* ``local halo memory — cpu``: peak extra RSS of ours and timm (op and block, fwd and fwd+bwd), one fresh
+  subprocess per measurement, and the ratio ours / timm.
+
+    python benchmarks/local.py                     # auto device, both benchmarks, writes docs/benchmarks.md
+    python benchmarks/local.py --only halo         # the halo sections only (CPU)
+    python benchmarks/local.py --quick --no-write  # smoke test (small shapes)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import json
@@ -49,7 +64,9 @@ from _timing import (
     fwd_bwd_closure,
     fwd_closure,
     machine_info,
+    make_grad_inputs,
     print_table,
+    rel_err,
     resolve_device,
     write_rows,
 )
@@ -476,11 +493,16 @@ def mem_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_memory(side: int, mode: str, impl: str, threads: int, k: int = 7) -> dict[str, Any] | None:
     spec = {"side": side, "mode": mode, "impl": impl, "threads": threads, "k": k, "B": 1, "H": 4, "D": 32}
+    return spawn_mem_worker(spec, f"{side}² {mode} {impl}")
+
+
+def spawn_mem_worker(spec: dict[str, Any], label: str) -> dict[str, Any] | None:
+    """Run this script as ``--mem-worker SPEC`` in a fresh interpreter; its last stdout line is the result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        print(f"  [memory {side}² {mode} {impl}] worker failed (rc {proc.returncode}): {tail}", file=sys.stderr)
+        print(f"  [memory {label}] worker failed (rc {proc.returncode}): {tail}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -638,27 +660,326 @@ def cuda_table(results: list[dict]) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
+# -------------------------------------------------------------------------------------------------- halo
+
+
+@dataclass(frozen=True)
+class HaloCase:
+    """Design §4 halo shape: B images of side×side, C = heads·D channels, block × block queries, halo ``halo``."""
+
+    B: int = 256
+    heads: int = 8
+    side: int = 16
+    D: int = 32
+    block: int = 8
+    halo: int = 2
+
+    @property
+    def C(self) -> int:
+        return self.heads * self.D
+
+    @property
+    def qkv_shape(self) -> tuple[int, ...]:
+        return (self.B, self.heads, self.side, self.side, self.D)
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return (self.B, self.C, self.side, self.side)
+
+
+HALO_CASE = HaloCase()
+HALO_QUICK = HaloCase(B=8)
+HALO_CAP_S = 60.0  # default cap (s) on the timed part of one (level, pass): one timm fwd+bwd takes seconds
+HALO_SPEED_GOAL, HALO_MEM_GOAL = 2.0, 1.1  # the issue's goal: ≥ 2× faster, ≤ 1.1× memory than timm, on CPU
+HALO_LEVELS, HALO_IMPLS = ("op", "block"), ("ours", "timm")
+
+
+@dataclass
+class HaloCand:
+    """``fn(*inputs)`` on its native layout; fwd+bwd differentiates ``inputs`` and ``params`` (module weights)."""
+
+    fn: Callable[..., Tensor]
+    inputs: tuple[Tensor, ...]
+    out_shape: tuple[int, ...]
+    params: tuple[Tensor, ...] = ()
+
+
+def timm_halo_attn(hc: HaloCase, seed: int = 0) -> torch.nn.Module:
+    """timm's own ``HaloAttn`` with the case's geometry (its q / kv weights and relative-position tables)."""
+    from timm.layers.halo_attn import HaloAttn
+
+    torch.manual_seed(seed)
+    return HaloAttn(hc.C, num_heads=hc.heads, block_size=hc.block, halo_size=hc.halo)
+
+
+def ours_halo_block(hc: HaloCase, timm_attn: torch.nn.Module) -> torch.nn.Module:
+    """``attnzoo.blocks.HaloAttention`` loaded with ``timm_attn``'s state dict (backend None: torch on CPU)."""
+    from attnzoo.blocks import HaloAttention
+
+    block = HaloAttention(hc.C, num_heads=hc.heads, block_size=hc.block, halo_size=hc.halo)
+    block.load_state_dict(timm_attn.state_dict(), strict=True)
+    return block
+
+
+def timm_halo_core(attn: Any, q: Tensor, kv: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """timm's ``HaloAttn.forward`` after its q / kv 1×1 convs, on the conv outputs q (B, heads·D, H, W) and
+    kv (B, heads·2D, H, W) (per head [k | v], heads outermost): pad + unfold the kv windows, q·kᵀ·scale plus
+    timm's own ``PosEmbedRel`` module (``rel_logits_1d``) run with the tables ``rel_h`` / ``rel_w``, softmax,
+    ·v, fold back to (B, heads·D, H, W). The lines are timm 1.0's, with ``self`` -> ``attn``."""
+    B, _, H, W = q.shape
+    num_h_blocks = H // attn.block_size
+    num_w_blocks = W // attn.block_size
+    num_blocks = num_h_blocks * num_w_blocks
+    q = q.reshape(
+        -1, attn.dim_head_qk, num_h_blocks, attn.block_size_ds, num_w_blocks, attn.block_size_ds
+    ).permute(0, 1, 3, 5, 2, 4)
+    q = q.reshape(B * attn.num_heads, attn.dim_head_qk, -1, num_blocks).transpose(1, 3)
+    kv = F.pad(kv, [attn.halo_size, attn.halo_size, attn.halo_size, attn.halo_size])
+    kv = kv.unfold(2, attn.win_size, attn.block_size).unfold(3, attn.win_size, attn.block_size).reshape(
+        B * attn.num_heads, attn.dim_head_qk + attn.dim_head_v, num_blocks, -1).permute(0, 2, 3, 1)
+    k, v = torch.split(kv, [attn.dim_head_qk, attn.dim_head_v], dim=-1)
+    # timm's PosEmbedRel module itself, with the tables passed in (so that they are differentiable inputs).
+    rel = torch.func.functional_call(attn.pos_embed, {"height_rel": rel_h, "width_rel": rel_w}, (q,))
+    if attn.scale_pos_embed:
+        a = (q @ k.transpose(-1, -2) + rel) * attn.scale
+    else:
+        a = (q @ k.transpose(-1, -2)) * attn.scale + rel
+    a = a.softmax(dim=-1)
+    out = (a @ v).transpose(1, 3)
+    out = out.reshape(-1, attn.block_size_ds, attn.block_size_ds, num_h_blocks, num_w_blocks)
+    return out.permute(0, 3, 1, 4, 2).contiguous().view(
+        B, attn.dim_out_v, H // attn.block_stride, W // attn.block_stride)
+
+
+def to_timm_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Heads-first (B, heads, H, W, D) q, k, v -> timm's conv-output layout q (B, heads·D, H, W), kv."""
+    B, nh, H, W, D = q.shape
+    qc = q.permute(0, 1, 4, 2, 3).reshape(B, nh * D, H, W)
+    kvc = torch.cat([k, v], dim=-1).permute(0, 1, 4, 2, 3).reshape(B, nh * 2 * D, H, W)
+    return qc.contiguous(), kvc.contiguous()
+
+
+def from_timm_out(out: Tensor, heads: int) -> Tensor:
+    """timm's (B, heads·D, H, W) output -> heads-first (B, heads, H, W, D)."""
+    return out.unflatten(1, (heads, -1)).permute(0, 1, 3, 4, 2)
+
+
+def ours_halo_op(hc: HaloCase, scale: float) -> Callable[..., Tensor]:
+    from attnzoo.kernels.halo import halo2d
+
+    return lambda q, k, v, rh, rw: halo2d(q, k, v, hc.block, hc.halo, rel_h=rh, rel_w=rw, scale=scale,
+                                          backend="torch")
+
+
+def timm_halo_op_on_grid(attn: Any, heads: int) -> Callable[..., Tensor]:
+    """timm's core on heads-first q, k, v (layout changes included; for the checks, not for timing)."""
+    return lambda q, k, v, rh, rw: from_timm_out(timm_halo_core(attn, *to_timm_qkv(q, k, v), rh, rw), heads)
+
+
+def halo_cands(hc: HaloCase, level: str, impls: Sequence[str] = HALO_IMPLS, seed: int = 0) -> dict[str, HaloCand]:
+    """The candidates of one level on the same data: ``"op"`` (q, k, v, tables) or ``"block"`` (x, weights)."""
+    attn = timm_halo_attn(hc, seed)
+    g = torch.Generator().manual_seed(seed)
+    cands: dict[str, HaloCand] = {}
+    if level == "op":
+        q, k, v = (torch.randn(hc.qkv_shape, generator=g) for _ in range(3))
+        rh, rw = (t.detach().clone() for t in (attn.pos_embed.height_rel, attn.pos_embed.width_rel))
+        if "ours" in impls:
+            cands["ours"] = HaloCand(ours_halo_op(hc, attn.scale), (q, k, v, rh, rw), hc.qkv_shape)
+        if "timm" in impls:
+            qc, kvc = to_timm_qkv(q, k, v)
+            cands["timm"] = HaloCand(lambda qc, kvc, rh, rw: timm_halo_core(attn, qc, kvc, rh, rw),
+                                     (qc, kvc, rh, rw), tuple(qc.shape))
+        return cands
+    x = torch.randn(hc.x_shape, generator=g)
+    if "ours" in impls:
+        block = ours_halo_block(hc, attn)
+        cands["ours"] = HaloCand(block, (x,), hc.x_shape, tuple(block.parameters()))
+    if "timm" in impls:
+        cands["timm"] = HaloCand(attn, (x,), hc.x_shape, tuple(attn.parameters()))
+    return cands
+
+
+def halo_closure(c: HaloCand, mode: str, seed: int = 0) -> Callable[[], Any]:
+    """fwd (no_grad) or fwd + ``autograd.grad`` w.r.t. the inputs and the module weights (fixed output grad)."""
+    if mode == "fwd":
+        return fwd_closure(c.fn, *c.inputs)
+    xs = make_grad_inputs(*c.inputs)
+    leaves = (*xs, *c.params)
+    g = torch.randn(c.out_shape, generator=torch.Generator().manual_seed(seed))
+
+    def run() -> tuple[Tensor, ...]:
+        return torch.autograd.grad(c.fn(*xs), leaves, g)
+
+    return run
+
+
+def halo_block_check(ours: torch.nn.Module, ref: torch.nn.Module, x: Tensor, ref_dtype: torch.dtype,
+                     seed: int = 0) -> dict[str, float]:
+    """Relative errors of block ``ours`` (fp32) against a ``ref_dtype`` copy of ``ref``: output, and max over
+    the gradients of x and of every weight (matched by name)."""
+    refm = copy.deepcopy(ref).to(ref_dtype)
+    xo = x.detach().clone().requires_grad_(True)
+    xr = x.detach().to(ref_dtype).requires_grad_(True)
+    out, rout = ours(xo), refm(xr)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    po, pr = dict(ours.named_parameters()), dict(refm.named_parameters())
+    names = sorted(po)
+    grads = torch.autograd.grad(out, [xo, *(po[n] for n in names)], g)
+    rgrads = torch.autograd.grad(rout, [xr, *(pr[n] for n in names)], g.to(ref_dtype))
+    errs = {"out": rel_err(out, rout)}
+    for name, a, b in zip(["x", *names], grads, rgrads, strict=True):
+        errs[f"grad {name}"] = rel_err(a, b)
+    errs["grad"] = max(v for n, v in errs.items() if n.startswith("grad "))
+    return errs
+
+
+def halo_checks(hc: HaloCase) -> dict[str, dict[str, dict[str, float] | None]]:
+    """{level: {"err32": ours vs timm fp32, "err64": ours vs timm float64, "timm64": timm fp32 vs float64}}."""
+    found: dict[str, dict[str, dict[str, float] | None]] = {}
+    op = halo_cands(hc, "op")
+    attn = timm_halo_attn(hc)
+    ours_fn, timm_fn = ours_halo_op(hc, attn.scale), timm_halo_op_on_grid(attn, hc.heads)
+    xs = op["ours"].inputs
+    found["op"] = {
+        "err32": _safe("halo op", "check", lambda: check_close(ours_fn, timm_fn, *xs, ref_dtype=torch.float32)),
+        "err64": _safe("halo op", "check", lambda: check_close(ours_fn, timm_fn, *xs, ref_dtype=torch.float64)),
+        "timm64": _safe("halo op", "check", lambda: check_close(timm_fn, timm_fn, *xs, ref_dtype=torch.float64)),
+    }
+    del op
+    gc.collect()
+    blk = halo_cands(hc, "block")
+    ours_m, timm_m, x = blk["ours"].fn, blk["timm"].fn, blk["ours"].inputs[0]
+    found["block"] = {
+        "err32": _safe("halo block", "check", lambda: halo_block_check(ours_m, timm_m, x, torch.float32)),
+        "err64": _safe("halo block", "check", lambda: halo_block_check(ours_m, timm_m, x, torch.float64)),
+        "timm64": _safe("halo block", "check", lambda: halo_block_check(timm_m, timm_m, x, torch.float64)),
+    }
+    return found
+
+
+def run_halo(hc: HaloCase, *, warmup: int, reps: int, max_seconds: float | None, stat: str) -> list[dict]:
+    """Checks, then interleaved timing of ours vs timm per (level, pass); one result dict per row."""
+    t0 = time.perf_counter()
+    checks = halo_checks(hc)
+    for level, e in checks.items():
+        print(f"  [halo {level}] rel err (out / max grad): ours vs timm fp32 {_fmt_err(e['err32'])}, "
+              f"ours vs timm float64 {_fmt_err(e['err64'])}, timm fp32 vs float64 {_fmt_err(e['timm64'])}"
+              f"  ({time.perf_counter() - t0:.1f}s so far)")
+        if e["err64"] is None or max(e["err64"].values()) > 1e-5:
+            print(f"  [halo {level}] WARNING: ours does not match timm float64 (rel err {_fmt_err(e['err64'])} > 1e-5)")
+    gc.collect()
+    results = []
+    for level in HALO_LEVELS:
+        cands = halo_cands(hc, level)
+        for mode in ("fwd", "fwd+bwd"):
+            t0 = time.perf_counter()
+            closures = {name: halo_closure(c, mode) for name, c in cands.items()}
+            timings = bench_interleaved(closures, warmup=warmup, reps=reps, device="cpu", max_seconds=max_seconds)
+            del closures
+            gc.collect()
+            ms = {n: t[f"{stat}_ms"] for n, t in timings.items()}
+            runs = max(t["runs"] for t in timings.values())
+            print(f"  [halo {level}] {mode:7s} {stat} of {runs}: ours {_ms(ms['ours'])}, timm {_ms(ms['timm'])}, "
+                  f"speed-up {ms['timm'] / ms['ours']:.2f}×  ({time.perf_counter() - t0:.1f}s)")
+            results.append({"level": level, "mode": mode, "ms": ms, "runs": runs, **checks[level]})
+        del cands
+        gc.collect()
+    return results
+
+
+def halo_table(hc: HaloCase, results: list[dict]) -> tuple[list[str], list[list[Any]]]:
+    header = ["level", "input", "pass", "ours ms", "timm ms", "speed-up (timm / ours)",
+              f"≥ {HALO_SPEED_GOAL:g}×", "ours rel err vs timm fp32 (out / grad)", "ours vs timm float64",
+              "timm fp32 vs float64", "runs"]
+    shapes = {"op": "q, k, v " + "×".join(map(str, hc.qkv_shape)), "block": "x " + "×".join(map(str, hc.x_shape))}
+    rows = []
+    for r in results:
+        ours, peer = r["ms"]["ours"], r["ms"]["timm"]
+        speed = _ratio(peer, ours)
+        name = "op: halo2d vs timm core" if r["level"] == "op" else "block: HaloAttention vs timm HaloAttn"
+        rows.append([name, shapes[r["level"]], r["mode"], ours, peer, speed,
+                     speed is not None and speed >= HALO_SPEED_GOAL, _fmt_err(r["err32"]), _fmt_err(r["err64"]),
+                     _fmt_err(r["timm64"]), r["runs"]])
+    return header, rows
+
+
+def halo_mem_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One halo measurement in this (fresh) process: peak RSS of one call minus the RSS just before it."""
+    torch.set_num_threads(spec["threads"])
+    level, impl, mode = spec["level"], spec["impl"], spec["mode"]
+    hc = HaloCase(B=spec["B"])
+    # Load libraries, thread pools and kernels on a 2-image batch first.
+    halo_closure(halo_cands(HaloCase(B=2), level, (impl,))[impl], mode)()
+    c = halo_cands(hc, level, (impl,))[impl]
+    run = halo_closure(c, mode)  # builds the grad-requiring inputs and the output grad: no call yet
+    gc.collect()
+    reset = _reset_peak_rss()
+    rss0 = _proc_status_kb("VmRSS") if reset else _proc_status_kb("VmHWM")
+    run()
+    hwm = _proc_status_kb("VmHWM")
+    return {"peak_bytes": max(hwm - rss0, 0) * 1024, "reset": reset}
+
+
+def run_halo_memory(hc: HaloCase, threads: int, jobs: int = 2) -> tuple[list[str], list[list[Any]], str]:
+    """Rows (level, pass, ours peak MB, timm peak MB, ratio, goal) and a verdict on the op ratios."""
+    specs = [(level, mode, impl) for level in HALO_LEVELS for mode in ("fwd", "fwd+bwd") for impl in HALO_IMPLS]
+    t0 = time.perf_counter()
+
+    def one(s: tuple[str, str, str]) -> dict[str, Any] | None:
+        level, mode, impl = s
+        spec = {"bench": "halo", "level": level, "mode": mode, "impl": impl, "B": hc.B, "threads": threads}
+        return spawn_mem_worker(spec, f"halo {level} {mode} {impl}")
+
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        found = dict(zip(specs, pool.map(one, specs), strict=True))
+    print(f"  {len(specs)} measurements in {time.perf_counter() - t0:.1f}s")
+    header = ["level", "pass", "ours peak MB", "timm peak MB", "ours / timm", f"≤ {HALO_MEM_GOAL:g}×"]
+    rows: list[list[Any]] = []
+    verdicts = []
+    for level in HALO_LEVELS:
+        for mode in ("fwd", "fwd+bwd"):
+            o, t = found[(level, mode, "ours")], found[(level, mode, "timm")]
+            om = o["peak_bytes"] / 2**20 if o else None
+            tm = t["peak_bytes"] / 2**20 if t else None
+            ratio = om / tm if om is not None and tm else None
+            ok = ratio is not None and ratio <= HALO_MEM_GOAL
+            name = "op: halo2d vs timm core" if level == "op" else "block: HaloAttention vs timm HaloAttn"
+            rows.append([name, mode, om, tm, ratio, ok])
+            if level == "op":
+                verdicts.append(f"{mode} ours/timm {ratio:.2f}" if ratio is not None else f"{mode} failed")
+    verdict = "op: " + ", ".join(verdicts)
+    verdict += (f" → goal ≤ {HALO_MEM_GOAL:g}× met" if all(r[5] for r in rows if r[0].startswith("op"))
+                else f" → goal ≤ {HALO_MEM_GOAL:g}× NOT met")
+    if not all(x["reset"] for x in found.values() if x):
+        verdict += " (peak RSS could not be reset: baselines are the pre-call peak, so numbers are lower bounds)"
+    return header, rows, verdict
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--only", choices=["na", "halo", "all"], default="all",
+                   help="neighborhood attention, the halo op/block vs timm (CPU only), or both")
     p.add_argument("--reps", type=int, default=None, help="timed rounds per candidate (CPU ≥ 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds per candidate")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="cap on the timed part of one (case, pass); fewer rounds if needed\n"
-                   "(default: 40 on CPU, 60 on CUDA, unless --reps is given)")
+                   f"(default: 40 on CPU, 60 on CUDA, {HALO_CAP_S:g} for halo, unless --reps is given)")
     p.add_argument("--stat", choices=["median", "min"], default="median", help="statistic reported per candidate")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs and memory workers)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
     p.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
-    p.add_argument("--no-memory", action="store_true", help="skip the CPU memory-scaling section")
+    p.add_argument("--no-memory", action="store_true", help="skip the CPU memory sections")
     p.add_argument("--mem-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.mem_worker is not None:
-        print(json.dumps(mem_worker(json.loads(args.mem_worker))))
+        spec = json.loads(args.mem_worker)
+        print(json.dumps(halo_mem_worker(spec) if spec.get("bench") == "halo" else mem_worker(spec)))
         return 0
 
     device = resolve_device(args.device)
@@ -666,22 +987,109 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: CUDA is not available")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        cases = CUDA_QUICK if args.quick else CUDA_CASES
-        warmup, reps, cap = (2, 5, None) if args.quick else (5, 30, 60.0)
-    else:
-        cases = CPU_QUICK if args.quick else CPU_CASES
-        warmup, reps, cap = (1, 5, None) if args.quick else (2, 20, 40.0)
+    t_start = time.perf_counter()
+    if args.only in ("na", "all"):
+        na_main(args, device)
+    if args.only in ("halo", "all"):
+        if device.type == "cpu":
+            if args.only == "all":
+                print()
+            halo_main(args)
+        else:
+            print("halo: the halo benchmark (vs timm's HaloAttn) is CPU-only; run with --device cpu --only halo")
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+def _timing_params(args: argparse.Namespace, quick: tuple, full: tuple) -> tuple[int, int, float | None]:
+    """(warmup, reps, max_seconds): the quick/full defaults, overridden by the command line."""
+    warmup, reps, cap = quick if args.quick else full
     warmup = args.warmup if args.warmup is not None else warmup
     max_seconds = args.max_seconds if args.max_seconds is not None else (cap if args.reps is None else None)
     reps = args.reps if args.reps is not None else reps
+    return warmup, reps, max_seconds
+
+
+def halo_main(args: argparse.Namespace) -> None:
+    """The halo op and block vs timm's HaloAttn on CPU (timing and memory sections)."""
+    hc = HALO_QUICK if args.quick else HALO_CASE
+    warmup, reps, max_seconds = _timing_params(args, (1, 5, None), (2, 20, HALO_CAP_S))
+    suffix = " (quick)" if args.quick else ""
+    info = machine_info("cpu")
+    print(f"local halo benchmark on cpu, float32, B={hc.B}, {hc.side}×{hc.side}, C={hc.C} ({hc.heads} heads × "
+          f"{hc.D}), block {hc.block}, halo {hc.halo}; warmup {warmup}, reps {reps}")
+    print(f"  {format_info(info)}")
+    results = run_halo(hc, warmup=warmup, reps=reps, max_seconds=max_seconds, stat=args.stat)
+    header, rows = halo_table(hc, results)
+    load_end = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+    print()
+    print_table(header, rows)
+    print(f"speed-up = timm_ms / ours_ms (> 1: ours faster); {args.stat} of interleaved runs")
+    if not args.no_write:
+        notes = (
+            f"The issue's goal: halo op (B={hc.B}, {hc.side}×{hc.side}, C={hc.C}, {hc.heads} heads × {hc.D}, block "
+            f"{hc.block}, halo {hc.halo}) ≥ {HALO_SPEED_GOAL:g}× faster than timm's HaloAttn at ≤ "
+            f"{HALO_MEM_GOAL:g}× its memory, on CPU. float32, {args.threads} torch threads; {args.stat} of `runs` "
+            f"interleaved rounds (each timing both candidates once) after {warmup} warm-up round(s); **speed-up = "
+            "timm ms / ours ms** (> 1 means attnzoo is faster). **op**: ours = `attnzoo.kernels.halo.halo2d(q, k, "
+            "v, block, halo, rel_h, rel_w, scale, backend=\"torch\")` on heads-first (B, heads, H, W, D) q, k, v; "
+            "timm = timm's `HaloAttn.forward` after the q / kv convs (pad, unfold, q·kᵀ·scale + its own "
+            "`PosEmbedRel` module, softmax, ·v, fold) on the same q, k, v in its conv layout (q (B, C, H, W), kv "
+            "(B, 2C, H, W); the layout change is outside the timed region) and the same tables. fwd+bwd = forward "
+            "+ `autograd.grad` for q, k, v (timm: q, kv) and both tables. **block**: `attnzoo.blocks.HaloAttention` "
+            "(backend None → torch on CPU) vs `timm.layers.halo_attn.HaloAttn` with the same state dict, on x "
+            f"({', '.join(map(str, hc.x_shape))}); fwd+bwd differentiates x and every weight. rel err = ‖out − ref‖ "
+            "/ ‖ref‖ (grad: max over the differentiated tensors) against timm in fp32 and in float64, on the timed "
+            "data; timm fp32 vs float64 for scale."
+        )
+        if load_end is not None:
+            notes += f" Load avg {load_end} when the timings ended (> threads: other work shared the cores)."
+        if args.quick:
+            notes += " **--quick smoke-test shapes, not a measurement.**"
+        section = f"local halo — cpu{suffix}"
+        path = write_rows(section, header, rows, info, notes=notes)
+        print(f"wrote section '{section}' of {path}")
+
+    if args.no_memory:
+        return
+    print()
+    print(f"halo memory: B={hc.B}, fp32, ours vs timm, op and block (one fresh subprocess per measurement)")
+    mem_info = machine_info("cpu")  # before the measurements: its load average is the one at their start
+    mheader, mrows, verdict = run_halo_memory(hc, args.threads, jobs=2)
+    print()
+    print_table(mheader, mrows)
+    print(verdict)
+    if not args.no_write:
+        mnotes = (
+            "Peak memory of one call above its inputs: each measurement runs in a fresh subprocess (after a "
+            "2-image warm-up call), resets the peak RSS (`/proc/self/clear_refs`) and reports `VmHWM` minus the "
+            "RSS just before the call. Inputs already allocated then: op — q, k, v (ours) or q, kv in timm's conv "
+            "layout (the same bytes), the tables and, for fwd+bwd, the output gradient; block — x, the weights and "
+            "the output gradient. fwd under `no_grad`; fwd+bwd = forward + `autograd.grad` as timed in `local halo "
+            f"— cpu` (the gradients it returns count). Goal: ours / timm ≤ {HALO_MEM_GOAL:g} for the op. "
+            f"Verdict: {verdict}."
+        )
+        if args.quick:
+            mnotes += " **--quick smoke-test shapes, not a measurement.**"
+        section = f"local halo memory — cpu{suffix}"
+        path = write_rows(section, mheader, mrows, mem_info, notes=mnotes)
+        print(f"wrote section '{section}' of {path}")
+
+
+def na_main(args: argparse.Namespace, device: torch.device) -> None:
+    """Neighborhood attention vs its peers (timing on ``device``; the memory-scaling section on CPU)."""
+    if device.type == "cuda":
+        cases = CUDA_QUICK if args.quick else CUDA_CASES
+        warmup, reps, max_seconds = _timing_params(args, (2, 5, None), (5, 30, 60.0))
+    else:
+        cases = CPU_QUICK if args.quick else CPU_CASES
+        warmup, reps, max_seconds = _timing_params(args, (1, 5, None), (2, 20, 40.0))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     suffix = " (quick)" if args.quick else ""
 
     info = machine_info(device)
     print(f"local (neighborhood attention) benchmark on {device.type}, {dtype}, warmup {warmup}, reps {reps}")
     print(f"  {format_info(info)}")
-    t_start = time.perf_counter()
 
     results: list[dict] = []
     for case in cases:
@@ -754,8 +1162,6 @@ def main(argv: list[str] | None = None) -> int:
             section = f"local memory — cpu{suffix}"
             path = write_rows(section, mheader, mrows, machine_info("cpu"), notes=mnotes)
             print(f"wrote section '{section}' of {path}")
-    print(f"total {time.perf_counter() - t_start:.0f}s")
-    return 0
 
 
 if __name__ == "__main__":
