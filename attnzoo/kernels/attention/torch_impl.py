@@ -12,8 +12,12 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 
+# ATen's fused CPU flash attention (private ops, present since torch 2.2); the chunked path stands in without them.
+_HAS_ATEN_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
 def _use_aten_flash(q: torch.Tensor, score: str) -> bool:
-    return q.device.type == "cpu" and score == "softmax"
+    return _HAS_ATEN_FLASH and q.device.type == "cpu" and score == "softmax"
 
 
 def _expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
