@@ -420,3 +420,21 @@ def write_rows(
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(out)
     return target
+
+
+_FLEX: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_flex() -> Callable[..., torch.Tensor]:
+    """The peer ``torch.compile(flex_attention)``, built once; one compiled callable serves every case
+    (shapes, masks, dtypes, grad or not), so the recompile limits are raised."""
+    global _FLEX
+    if _FLEX is None:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from _timing import (
     bench_interleaved,
     check_close,
+    compiled_flex,
     format_info,
     fwd_bwd_closure,
     fwd_closure,
@@ -131,21 +132,6 @@ def cpu_candidates(case: Case) -> dict[str, AttnFn]:
     }
 
 
-_FLEX: Callable[..., torch.Tensor] | None = None
-
-
-def _compiled_flex() -> Callable[..., torch.Tensor]:
-    global _FLEX
-    if _FLEX is None:
-        import torch._dynamo
-        from torch.nn.attention.flex_attention import flex_attention
-
-        # One compiled callable serves every case (shapes, masks, fwd/no-grad/grad): allow the recompiles.
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
 
 
 def _causal_mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
@@ -158,7 +144,7 @@ def cuda_candidates(case: Case, device: torch.device) -> dict[str, AttnFn]:
 
     attention = load_ours()
     c = case.causal
-    flex = _compiled_flex()
+    flex = compiled_flex()
     block_mask = (
         create_block_mask(_causal_mask_mod, B=None, H=None, Q_LEN=case.N, KV_LEN=case.M, device=device)
         if c

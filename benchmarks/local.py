@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from _timing import (
     bench_interleaved,
     check_close,
+    compiled_flex,
     format_info,
     fwd_bwd_closure,
     fwd_closure,
@@ -196,21 +197,6 @@ def dense_mask(case: Case, device: torch.device) -> Tensor:
     return neighborhood_mask(case.grid, case.kernel, (1,) * n, (1,) * n, (False,) * n, device=device)
 
 
-_FLEX: Callable[..., Tensor] | None = None
-
-
-def compiled_flex() -> Callable[..., Tensor]:
-    global _FLEX
-    if _FLEX is None:
-        import torch._dynamo
-        from torch.nn.attention.flex_attention import flex_attention
-
-        # One compiled callable for every case, mask and dtype: allow the recompiles.
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
 
 
 def flex_cand(case: Case, device: torch.device) -> tuple[Cand, dict[str, Any]]:

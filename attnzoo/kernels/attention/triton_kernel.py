@@ -307,6 +307,16 @@ def _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, 
 
 
 @triton.jit
+def _kv_tiles(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+              QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
+              KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr):
+    """The key tiles the query tile at (o0, o1, o2) must visit: first tile and count per axis."""
+    lo0, hi0, lo1, hi1, lo2, hi2 = _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
+                                           ST0, ST1, ST2, QT0, QT1, QT2, MODE, CAUSAL)
+    return _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, KT0, KT1, KT2)
+
+
+@triton.jit
 def _query_tile(Q, sqb, sqh, sqn, H, G, D, QS0, QS1, QS2,
                 QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's (batch x head, query tile): indices, coordinates, masks and the Q tile."""
@@ -370,9 +380,8 @@ def _attn_fwd(
     m = tl.full([QT0 * QT1 * QT2], float("-inf"), tl.float32)
     l = tl.zeros([QT0 * QT1 * QT2], tl.float32)
     acc = tl.zeros([QT0 * QT1 * QT2, BLOCK_D], tl.float32)
-    lo0, hi0, lo1, hi1, lo2, hi2 = _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
-                                           ST0, ST1, ST2, QT0, QT1, QT2, MODE, CAUSAL)
-    f0, f1, f2, n0, n1, n2 = _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, KT0, KT1, KT2)
+    f0, f1, f2, n0, n1, n2 = _kv_tiles(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
+                                       ST0, ST1, ST2, QT0, QT1, QT2, KT0, KT1, KT2, MODE, CAUSAL)
     for t in range(0, n0 * n1 * n2):
         kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask,
                                                        KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL)
@@ -501,9 +510,8 @@ def _attn_bwd_dq(
     V += b * svb + hk * svh
     dq = tl.zeros([QT0 * QT1 * QT2, BLOCK_D], tl.float32)
 
-    lo0, hi0, lo1, hi1, lo2, hi2 = _kv_box(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
-                                           ST0, ST1, ST2, QT0, QT1, QT2, MODE, CAUSAL)
-    f0, f1, f2, n0, n1, n2 = _box_tiles(lo0, hi0, lo1, hi1, lo2, hi2, KT0, KT1, KT2)
+    f0, f1, f2, n0, n1, n2 = _kv_tiles(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
+                                       ST0, ST1, ST2, QT0, QT1, QT2, KT0, KT1, KT2, MODE, CAUSAL)
     for t in range(0, n0 * n1 * n2):
         kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask,
                                                        KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL)
