@@ -19,7 +19,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from attnzoo.kernels.attention import triton_kernel as tk  # noqa: E402
+from attnzoo.kernels.attention import triton_kernel as kernels  # noqa: E402
+from attnzoo.kernels.attention import triton_launch as tk  # noqa: E402
 
 POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "EK", "EV", "BA", "BB", "LSE", "DELTA", "DBA", "DBB"}
 FP32_POINTERS = {"LSE", "DELTA", "DBA", "DBB"}  # buffers the launchers keep in fp32
@@ -70,8 +71,9 @@ def compile_kernel(kernel, q, geo, score, bias, pass_):
 
 def main() -> int:
     failures = 0
+    passes = ((kernels._attn_fwd, "fwd"), (kernels._attn_bwd_dkdv, "dkdv"), (kernels._attn_bwd_dq, "dq"))
     for label, q, geo, score, bias in configs():
-        for kernel, pass_ in ((tk._attn_fwd, "fwd"), (tk._attn_bwd_dkdv, "dkdv"), (tk._attn_bwd_dq, "dq")):
+        for kernel, pass_ in passes:
             name = f"{label} {kernel.fn.__name__}"
             try:
                 compiled = compile_kernel(kernel, q, geo, score, bias, pass_)

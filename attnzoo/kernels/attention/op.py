@@ -23,9 +23,9 @@ SCORES = ("softmax", "sigmoid")
 
 def _triton():
     # Imported on first use: keeps `import attnzoo` free of Triton and lets tests set TRITON_INTERPRET.
-    from attnzoo.kernels.attention import triton_kernel
+    from attnzoo.kernels.attention import triton_launch
 
-    return triton_kernel
+    return triton_launch
 
 
 @torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())

@@ -19,9 +19,9 @@ _NONE = torch.empty(0)
 
 
 def _triton():
-    from attnzoo.kernels.attention import triton_kernel
+    from attnzoo.kernels.attention import triton_launch
 
-    return triton_kernel
+    return triton_launch
 
 
 def _torch_impl():
