@@ -234,6 +234,15 @@ def natten_status() -> str | None:
     return None
 
 
+def add_natten(cands: dict, unavailable: dict, case: Case, device: torch.device) -> None:
+    """NATTEN as a candidate when it imports, else the reason it is missing."""
+    why = natten_status()
+    if why is None:
+        cands["NATTEN"] = natten_cand(case, device)
+    else:
+        unavailable["NATTEN"] = why
+
+
 def natten_cand(case: Case, device: torch.device) -> Cand:
     import natten
 
@@ -331,11 +340,7 @@ def run_cpu_case(case: Case, *, warmup: int, reps: int, max_seconds: float | Non
         unavailable["flex (compiled)"] = "error" if flex is None else "mask mismatch"
     cands["SDPA dense mask"] = sdpa_mask_cand(case, mask)
     cands["SDPA full (no mask)"] = sdpa_full_cand(case)
-    why = natten_status()
-    if why is None:
-        cands["NATTEN"] = natten_cand(case, dev)
-    else:
-        unavailable["NATTEN"] = why
+    add_natten(cands, unavailable, case, dev)
 
     # First call of compiled Flex = compilation; timed separately so the warm-up rounds stay short.
     if "flex (compiled)" in cands:
@@ -560,11 +565,7 @@ def run_cuda_case(case: Case, device: torch.device, *, warmup: int, reps: int, m
     else:
         unavailable["flex (compiled)"] = "error"
     cands["SDPA full (no mask)"] = sdpa_full_cand(case)
-    why = natten_status()
-    if why is None:
-        cands["NATTEN"] = natten_cand(case, device)
-    else:
-        unavailable["NATTEN"] = why
+    add_natten(cands, unavailable, case, device)
 
     # Correctness: ours (and NATTEN) against compiled Flex on the same mask, fp32 when Flex runs in fp32.
     bwd = "fwd+bwd" in case.modes

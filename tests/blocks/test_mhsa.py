@@ -6,6 +6,7 @@ from timm.models.vision_transformer import Attention as TimmAttention
 from torch import nn
 
 from attnzoo.blocks import MultiHeadSelfAttention
+from tests.blocks.helpers import assert_causal
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -60,14 +61,7 @@ def test_mqa_matches_repeated_kv_heads():
 def test_causal(score, num_kv_heads):
     torch.manual_seed(0)
     blk = MultiHeadSelfAttention(32, num_heads=4, num_kv_heads=num_kv_heads, score=score, causal=True).eval()
-    x = torch.randn(2, 12, 32)
-    i = 5
-    y = x.clone()
-    y[:, i + 1 :] = torch.randn_like(y[:, i + 1 :])  # change only the tokens after position i
-    with torch.no_grad():
-        a, b = blk(x), blk(y)
-    torch.testing.assert_close(a[:, : i + 1], b[:, : i + 1], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(a[:, i + 1 :], b[:, i + 1 :])
+    assert_causal(blk, torch.randn(2, 12, 32), i=5)
 
 
 def test_sigmoid_runs_and_differs_from_softmax():

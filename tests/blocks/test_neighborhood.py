@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from attnzoo.blocks import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from attnzoo.kernels.neighborhood import na1d, na2d, na3d
+from tests.blocks.helpers import assert_causal
 
 BLOCKS = {1: NeighborhoodAttention1d, 2: NeighborhoodAttention2d, 3: NeighborhoodAttention3d}
 OPS = {1: na1d, 2: na2d, 3: na3d}
@@ -170,14 +171,7 @@ def test_causal_1d_ignores_later_tokens(num_extra_tokens):
     torch.manual_seed(0)
     blk = NeighborhoodAttention1d(32, 4, kernel_size=4, is_causal=True, rel_pos_bias=True,
                                   num_extra_tokens=num_extra_tokens).eval()
-    x = torch.randn(2, 16, 32)
-    i = 6
-    y = x.clone()
-    y[:, i + 1 :] = torch.randn_like(y[:, i + 1 :])  # change only the tokens after position i
-    with torch.no_grad():
-        a, b = blk(x), blk(y)
-    torch.testing.assert_close(a[:, : i + 1], b[:, : i + 1], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(a[:, i + 1 :], b[:, i + 1 :])
+    assert_causal(blk, torch.randn(2, 16, 32), i=6)
 
 
 @pytest.mark.parametrize(
