@@ -112,13 +112,6 @@ class HaloAttention(nn.Module):
         self.num_heads = num_heads
         self.dim_head_qk = dim_head or make_divisible(dim_out * qk_ratio, divisor=8) // num_heads
         self.dim_head_v = dim_out // num_heads
-        if self.dim_head_qk != self.dim_head_v:
-            raise NotImplementedError(
-                f"HaloAttention needs equal q/k and v head dims (the fused halo2d kernel shares one head dim), "
-                f"got dim_head_qk={self.dim_head_qk} (from dim_head={dim_head}, qk_ratio={qk_ratio}) and "
-                f"dim_head_v={self.dim_head_v} (dim_out={dim_out} // num_heads={num_heads}); "
-                "use dim_head=None and qk_ratio=1.0"
-            )
         self.dim_out_qk = num_heads * self.dim_head_qk
         self.dim_out_v = num_heads * self.dim_head_v
         self.scale = self.dim_head_qk**-0.5

@@ -51,20 +51,22 @@ def check_finite(name: str, value: object) -> float:
 
 
 def check_qkv(q, k, v, spatial: int, same_grid: bool) -> None:
-    """Heads-first q (B, H, *grid, D), k/v (B, H_kv, *grid_kv, D) with ``spatial`` grid axes."""
+    """Heads-first q (B, H, *grid, D), k (B, H_kv, *grid_kv, D), v (B, H_kv, *grid_kv, Dv) with ``spatial``
+    grid axes; the value head dim Dv may differ from D."""
     axes = {1: "N", 2: "X, Y", 3: "X, Y, Z"}[spatial]
     kv_axes = axes if same_grid else {1: "M"}.get(spatial, axes)
     check_tensor("q", q, spatial + 3, f"(B, H, {axes}, D)")
     check_tensor("k", k, spatial + 3, f"(B, H_kv, {kv_axes}, D)")
-    check_tensor("v", v, spatial + 3, f"(B, H_kv, {kv_axes}, D)")
+    check_tensor("v", v, spatial + 3, f"(B, H_kv, {kv_axes}, Dv)")
     check_same("dtype", (("q", q), ("k", k), ("v", v)))
     check_same("device", (("q", q), ("k", k), ("v", v)))
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"k and v must have the same shape except the head dim; got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}; they must match")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k/v head dim D={k.shape[-1]} must equal q's head dim D={q.shape[-1]}")
+        raise ValueError(f"k head dim D={k.shape[-1]} must equal q's head dim D={q.shape[-1]}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(
             f"q has H={q.shape[1]} heads, k/v have H_kv={k.shape[1]}; H must be a multiple of H_kv (GQA/MQA)")

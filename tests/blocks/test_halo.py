@@ -39,6 +39,9 @@ CONFIGS = {
     "b8h3_bias_scalepos": dict(block_size=8, halo_size=3, qkv_bias=True, scale_pos_embed=True),
     "b8h2s2_avgdown": dict(block_size=8, halo_size=2, stride=2, avg_down=True),  # full-res queries + avg pool
     "b6h2s2_odd": dict(block_size=6, halo_size=2, stride=2, num_heads=2),  # 6 / 2 blocks are odd: still strided
+    # q/k head dim != v head dim: eca_halonext26ts (dim_head=16) and haloregnetz_b (qk_ratio=0.33) settings
+    "b8h2_dim_head8": dict(block_size=8, halo_size=2, dim_head=8),
+    "b4h1_qk_ratio": dict(block_size=4, halo_size=1, qk_ratio=0.33),
 }
 
 
@@ -56,8 +59,10 @@ def test_block_timm_parity(name, backend):
 
 
 @pytest.mark.slow
-def test_block_timm_parity_triton(triton_device):
-    ref, blk = _pair(dim=16, dim_out=32, num_heads=2, block_size=4, halo_size=1, stride=2, backend="triton")
+@pytest.mark.parametrize("dim_head", [None, 8], ids=["equal_dims", "dim_head8"])
+def test_block_timm_parity_triton(dim_head, triton_device):
+    ref, blk = _pair(dim=16, dim_out=32, num_heads=2, block_size=4, halo_size=1, stride=2, dim_head=dim_head,
+                     backend="triton")
     ref, blk = ref.to(triton_device), blk.to(triton_device)
     x = torch.randn(1, 16, 8, 12, device=triton_device)
     with torch.no_grad():
@@ -184,13 +189,6 @@ def test_bad_input_size():
     blk = HaloAttention(16, num_heads=2, block_size=8, halo_size=2)
     with pytest.raises(ValueError, match=r"multiples of block_size=8.*12x16"):
         blk(torch.randn(1, 16, 12, 16))
-
-
-def test_unequal_head_dims_not_implemented():
-    with pytest.raises(NotImplementedError, match=r"dim_head_qk=16.*dim_head_v=32"):
-        HaloAttention(256, num_heads=8, dim_head=16)  # eca_halonext26ts's setting
-    with pytest.raises(NotImplementedError, match=r"qk_ratio=0\.33"):
-        HaloAttention(192, num_heads=8, qk_ratio=0.33)  # haloregnetz_b's setting
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def qkv(B=1, H=2, Hkv=2, N=9, M=9, D=16, dtype=torch.float32, device="cpu"):
         (lambda: (torch.randn(2, 9, 16), *qkv()[1:]), {}, ValueError,
          "q must have 4 dims (B, H, N, D), got shape (2, 9, 16)"),
         (lambda: (qkv()[0], torch.randn(1, 2, 9), qkv()[2]), {}, ValueError, "k must have 4 dims"),
-        (lambda: (qkv()[0], *qkv(D=8)[1:]), {}, ValueError, "k/v head dim D=8 must equal q's head dim D=16"),
+        (lambda: (qkv()[0], *qkv(D=8)[1:]), {}, ValueError, "k head dim D=8 must equal q's head dim D=16"),
         (lambda: qkv(H=3, Hkv=2), {}, ValueError, "H=3 heads, k/v have H_kv=2; H must be a multiple of H_kv"),
         (lambda: (qkv()[0], qkv()[1], qkv(M=5)[2]), {}, ValueError, "k and v must have the same shape"),
         (lambda: (qkv()[0], *qkv(B=2)[1:]), {}, ValueError, "k has batch size 2 but q has 1"),
@@ -44,6 +44,10 @@ def qkv(B=1, H=2, Hkv=2, N=9, M=9, D=16, dtype=torch.float32, device="cpu"):
         (qkv, {"causal": 1}, TypeError, "causal=1 must be a bool"),
         (lambda: qkv(dtype=torch.float64), {"backend": "triton"}, TypeError, "backend='triton' supports dtypes"),
         (lambda: qkv(D=320), {"backend": "triton"}, ValueError, "supports head dim D in [1, 256]; got D=320"),
+        (lambda: qkv(B=2, M=7), {"key_padding_mask": torch.zeros(2, 9, dtype=torch.bool)}, ValueError,
+         "key_padding_mask must be a bool tensor of shape (B, M)=(2, 7); got torch.bool (2, 9)"),
+        (lambda: qkv(B=2, M=7), {"key_padding_mask": torch.zeros(2, 7)}, ValueError,
+         "key_padding_mask must be a bool tensor of shape (B, M)=(2, 7); got torch.float32 (2, 7)"),
     ],
 )
 def test_bad_input_is_rejected_with_a_clear_message(make, kwargs, error, message):
@@ -81,6 +85,14 @@ def test_matches_sdpa_including_gqa_and_causal():
     assert rel_err(attention(q, k, v, causal=True), expect) < 1e-5
 
 
+def test_key_padding_mask_matches_sdpa_with_the_same_mask():
+    q, k, v = qkv(B=3, N=6, M=11)
+    pad = torch.rand(3, 11) < 0.4
+    pad[:, 0] = False  # SDPA gives NaN for queries that see no key
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None])
+    assert rel_err(attention(q, k, v, key_padding_mask=pad), expect) < 1e-5
+
+
 def test_sigmoid_default_bias_is_minus_log_m():
     q, k, v = qkv(N=6, M=11)
     expect = attention_reference(q, k, v, score="sigmoid", sigmoid_bias=-torch.log(torch.tensor(11.0)).item())
@@ -92,7 +104,9 @@ def test_sigmoid_default_bias_is_minus_log_m():
 def test_opcheck(backend, score, request):
     device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
     q, k, v = (t.requires_grad_() for t in qkv(H=4, Hkv=2, N=10, M=7, device=device))
-    torch.library.opcheck(attention_fwd, (q, k, v, True, 0.25, score, -1.0, backend))
+    keep = torch.rand(1, 7, device=device) < 0.7
+    for key_mask in (None, keep):
+        torch.library.opcheck(attention_fwd, (q, k, v, key_mask, True, 0.25, score, -1.0, backend))
 
 
 def test_compile_fullgraph_torch_path():

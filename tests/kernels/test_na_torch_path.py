@@ -49,15 +49,15 @@ def _lse_oracle(q, k, grid, ks, dil, st, causal, scale, rpb, ek):
     return s.logsumexp(-1).reshape(B, H, *grid)
 
 
-def _check(case: str, dtype: torch.dtype, monkeypatch, batch: int = 2, dim: int = 16):
+def _check(case: str, dtype: torch.dtype, monkeypatch, batch: int = 2, dim: int = 16, value_dim: int = 16):
     grid, ks, dil, st, causal, H, Hkv, E, use_rpb = CASES[case]
     q = randn(batch, H, *grid, dim, dtype=dtype, device="cpu")
     k = randn(batch, Hkv, *grid, dim, dtype=dtype, device="cpu")
-    v = randn(batch, Hkv, *grid, dim, dtype=dtype, device="cpu")
-    do = randn(batch, H, *grid, dim, dtype=dtype, device="cpu")
+    v = randn(batch, Hkv, *grid, value_dim, dtype=dtype, device="cpu")
+    do = randn(batch, H, *grid, value_dim, dtype=dtype, device="cpu")
     rpb = randn(H, *(2 * x - 1 for x in ks), dtype=dtype, device="cpu") if use_rpb else None
     ek = randn(batch, Hkv, E, dim, dtype=dtype, device="cpu") if E else None
-    ev = randn(batch, Hkv, E, dim, dtype=dtype, device="cpu") if E else None
+    ev = randn(batch, Hkv, E, value_dim, dtype=dtype, device="cpu") if E else None
     scale = dim**-0.5
     params = (list(ks), list(dil), list(st), list(causal), scale)
 
@@ -72,7 +72,7 @@ def _check(case: str, dtype: torch.dtype, monkeypatch, batch: int = 2, dim: int 
     poison_allocations(monkeypatch)
     out, lse = torch_impl.na_fwd(q, k, v, *params, rpb, ek, ev)
     grads = torch_impl.na_bwd(do, q, k, v, out, lse, *params, rpb, ek, ev)
-    assert out.dtype == dtype and out.shape == q.shape
+    assert out.dtype == dtype and out.shape == (*q.shape[:-1], value_dim)
     assert lse.dtype == lse_dtype(dtype) and lse.shape == q.shape[:-1]
     names = ("dq", "dk", "dv", "drpb", "dextra_k", "dextra_v")
     assert_path_matches(f"{case} {dtype}", dtype, names, inputs, grads, (out, lse), (ref, ref_lse), ref_grads)
@@ -82,6 +82,12 @@ def _check(case: str, dtype: torch.dtype, monkeypatch, batch: int = 2, dim: int 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case, dtype, monkeypatch):
     _check(case, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("value_dim", [8, 40])
+@pytest.mark.parametrize("case", ["2d_multi_tile_rpb", "1d_stride_gqa_extra"])
+def test_value_head_dim_differs(case, value_dim, monkeypatch):
+    _check(case, torch.float32, monkeypatch, value_dim=value_dim)
 
 
 @pytest.mark.parametrize("case", ["2d_even_dil_not_dividing_rpb_extra", "3d_dil_stride_causal_mqa"])

@@ -23,6 +23,8 @@ CASES = {
     "3d_mixed": ((3, 4, 6), (2, 2, 3), (1, 2, 1), (1, 1, 2), (False, False, True), False, 0, (2, 1)),
     "3d_rpb_extra_causal": ((3, 3, 4), (2, 3, 4), (1, 1, 1), (1, 1, 1), (True, False, False), True, 4, (1, 1)),
 }
+# Cases whose value head dim Dv differs from the q/k head dim D = 16.
+VALUE_DIM = {"1d_even_dilated_causal_extra": 24, "2d_dilated_rpb": 8, "3d_mixed": 8}
 # fp16 on the 1-D/2-D cases; the 3-D ones cost most under the interpreter and add no fp16-specific path.
 FP16_CASES = [name for name in CASES if not name.startswith("3d")]
 
@@ -30,12 +32,13 @@ FP16_CASES = [name for name in CASES if not name.startswith("3d")]
 def run_case(name: str, dtype: torch.dtype, backend: str, device: str, monkeypatch) -> dict[str, float]:
     grid, ks, dil, st, causal, use_rpb, n_extra, (H, Hkv) = CASES[name]
     B, D = 1, 16
+    Dv = VALUE_DIM.get(name, D)
     q = randn(B, H, *grid, D, dtype=dtype, device=device)
     k = randn(B, Hkv, *grid, D, dtype=dtype, device=device)
-    v = randn(B, Hkv, *grid, D, dtype=dtype, device=device)
+    v = randn(B, Hkv, *grid, Dv, dtype=dtype, device=device)
     rpb = randn(H, *(2 * x - 1 for x in ks), dtype=dtype, device=device) if use_rpb else None
     ek = randn(B, Hkv, n_extra, D, dtype=dtype, device=device) if n_extra else None
-    ev = randn(B, Hkv, n_extra, D, dtype=dtype, device=device) if n_extra else None
+    ev = randn(B, Hkv, n_extra, Dv, dtype=dtype, device=device) if n_extra else None
     names = ["q", "k", "v", "rpb", "extra_k", "extra_v"]
     inputs = dict(zip(names, (q, k, v, rpb, ek, ev), strict=True))
     present = [n for n in names if inputs[n] is not None]
@@ -52,7 +55,7 @@ def run_case(name: str, dtype: torch.dtype, backend: str, device: str, monkeypat
     out = NA[len(grid)](ours_in["q"], ours_in["k"], ours_in["v"], ks, rpb=ours_in["rpb"], extra_k=ours_in["extra_k"],
                         extra_v=ours_in["extra_v"], **kw)
     grads = torch.autograd.grad(out, [ours_in[n] for n in present], do)
-    assert out.shape == q.shape and out.dtype == dtype
+    assert out.shape == (*q.shape[:-1], Dv) and out.dtype == dtype
     errors = {"out": rel_err(out, ref)}
     errors |= {f"d{n}": rel_err(g, r) for n, g, r in zip(present, grads, ref_grads, strict=True)}
     return errors

@@ -30,55 +30,70 @@ def _triton():
 
 @torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, score: str,
-    sigmoid_bias: float, backend: str,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, causal: bool, scale: float,
+    score: str, sigmoid_bias: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: (B, H, N, D), k/v: (B, H_kv, M, D) -> (out like q, lse (B, H, N))."""
+    """q: (B, H, N, D), k: (B, H_kv, M, D), v: (B, H_kv, M, Dv), key_mask: (B, M) bool keep-mask or None
+    -> (out (B, H, N, Dv), lse (B, H, N))."""
     if backend == "triton":
         tk = _triton()
-        return tk.attention_fwd(q, k, v, tk.dense_geometry(q, k, causal), scale, score, sigmoid_bias)
-    return torch_impl.attention_fwd(q, k, v, causal, scale, score, sigmoid_bias)
+        return tk.attention_fwd(q, k, v, tk.dense_geometry(q, k, causal), scale, score, sigmoid_bias,
+                                key_mask=key_mask)
+    return torch_impl.attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, causal, scale, score, sigmoid_bias, backend):
+def _(q, k, v, key_mask, causal, scale, score, sigmoid_bias, backend):
     # Every implementation returns contiguous tensors.
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    causal: bool, scale: float, score: str, sigmoid_bias: float, backend: str,
+    key_mask: torch.Tensor | None, causal: bool, scale: float, score: str, sigmoid_bias: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_fwd``'s output given its upstream gradient ``do``."""
     if backend == "triton":
         tk = _triton()
         return tk.attention_bwd(do, q, k, v, out, lse, tk.dense_geometry(q, k, causal), scale, score,
-                                sigmoid_bias)[:3]
-    return torch_impl.attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias)
+                                sigmoid_bias, key_mask=key_mask)[:3]
+    return torch_impl.attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask)
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, backend):
+def _(do, q, k, v, out, lse, key_mask, causal, scale, score, sigmoid_bias, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *params = inputs
+    q, k, v, key_mask, *params = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_mask)
     ctx.params = params
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do.contiguous(), q, k, v, out, lse, *ctx.params)
-    return dq, dk, dv, *(None,) * len(ctx.params)
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do.contiguous(), q, k, v, out, lse, key_mask, *ctx.params)
+    return dq, dk, dv, None, *(None,) * len(ctx.params)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_key_padding_mask(mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+    """The (B, M) padding mask (True = padded) as the kernels' keep-mask (True = seen)."""
+    if mask is None:
+        return None
+    expect = (k.shape[0], k.shape[2])
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != expect:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"key_padding_mask must be a bool tensor of shape (B, M)={expect}; got {got}")
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but k is on {k.device}")
+    return ~mask
 
 
 def _check_inputs(q, k, v, backend: str | None) -> str:
@@ -107,25 +122,29 @@ def attention(
     scale: float | None = None,
     score: str = "softmax",
     sigmoid_bias: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Dense multi-head attention on the shared fused kernel.
 
     Args:
         q: (B, H, N, D) queries.
-        k, v: (B, H_kv, M, D) keys and values; H must be a multiple of H_kv (GQA/MQA). N != M is
-            cross attention.
+        k: (B, H_kv, M, D) keys, v: (B, H_kv, M, Dv) values; H must be a multiple of H_kv (GQA/MQA). N != M
+            is cross attention.
         causal: query i sees keys j <= i (top-left aligned, as in ``F.scaled_dot_product_attention``).
         scale: logit scale, default 1/sqrt(D).
         score: ``"softmax"`` or ``"sigmoid"`` (FlashSigmoid-style: ``sigmoid(q·k*scale + sigmoid_bias) @ v``,
             no normalization).
         sigmoid_bias: additive logit bias for sigmoid scoring, default ``-log(M)``.
+        key_padding_mask: (B, M) bool, True marks a padded key that no query sees (``nn.MultiheadAttention``'s
+            convention). A query that sees no key at all outputs 0 (SDPA would give NaN).
         backend: ``None`` (Triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"`` or ``"reference"``.
 
     Returns:
-        (B, H, N, D) output in q's dtype.
+        (B, H, N, Dv) output in q's dtype.
     """
     resolved = _check_inputs(q, k, v, backend)
+    key_mask = _check_key_padding_mask(key_padding_mask, k)
     validate.check_choice("score", score, SCORES)
     if not isinstance(causal, bool):
         raise TypeError(f"causal={causal!r} must be a bool")
@@ -139,6 +158,7 @@ def attention(
         bias = -math.log(k.shape[2]) if sigmoid_bias is None else validate.check_finite("sigmoid_bias", sigmoid_bias)
     q, k, v = _autocast(q, k, v)
     if resolved == "reference":
-        return attention_reference(q, k, v, causal=causal, scale=scale, score=score, sigmoid_bias=bias)
-    out, _ = attention_fwd(q, k, v, causal, scale, score, bias, resolved)
+        return attention_reference(q, k, v, causal=causal, scale=scale, score=score, sigmoid_bias=bias,
+                                   key_mask=key_mask)
+    out, _ = attention_fwd(q, k, v, key_mask, causal, scale, score, bias, resolved)
     return out

@@ -333,56 +333,75 @@ def _query_tile(Q, sqb, sqh, sqn, H, G, D, QS0, QS1, QS2,
 
 
 @triton.jit
-def _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask, KS0, KS1, KS2, DL1, DL2,
-              KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr):
-    """The t-th key tile of a box (first tiles f*, counts n*): coordinates, in-grid mask, K and V."""
+def _key_keep(KM, kflat, kvalid, KMASK: tl.constexpr):
+    """In-grid keys that the key padding mask keeps (``KM``: this batch's row of 0/1 bytes, dense mode)."""
+    if KMASK:
+        kvalid &= tl.load(KM + kflat, mask=kvalid, other=0) != 0
+    return kvalid
+
+
+@triton.jit
+def _key_tile(t, f0, f1, f2, n1, n2, K, V, KM, skn, svn, d, dmask, c, cmask, KS0, KS1, KS2, DL1, DL2,
+              KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
+              KMASK: tl.constexpr):
+    """The t-th key tile of a box (first tiles f*, counts n*): coordinates, visible-key mask, K and V
+    (``d``: q/k head-dim lanes, ``c``: value head-dim lanes)."""
     kc0, kc1, kc2, kflat, kvalid = _tile(
         (f0 + t // (n1 * n2)) * KT0, (f1 + (t // n2) % n1) * KT1, (f2 + t % n2) * KT2,
         KS0, KS1, KS2, KT0, KT1, KT2)
     kaddr, kin = _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE, CAUSAL)
-    kmask = kin[:, None] & dmask[None, :]
-    k = tl.load(K + kaddr[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + kaddr[:, None] * svn + d[None, :], mask=kmask, other=0.0)
-    return kc0, kc1, kc2, kflat, kvalid, k, v
+    k = tl.load(K + kaddr[:, None] * skn + d[None, :], mask=kin[:, None] & dmask[None, :], other=0.0)
+    v = tl.load(V + kaddr[:, None] * svn + c[None, :], mask=kin[:, None] & cmask[None, :], other=0.0)
+    return kc0, kc1, kc2, kflat, _key_keep(KM, kflat, kvalid, KMASK), k, v
 
 
 @triton.jit
-def _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, NE, T: tl.constexpr):
+def _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, c, cmask, NE, T: tl.constexpr):
     """Extra tokens [e0, e0 + T): valid mask, K and V."""
     e = e0 + tl.arange(0, T)
     evalid = e < NE
-    emask = evalid[:, None] & dmask[None, :]
-    k = tl.load(EK + e[:, None] * sekn + d[None, :], mask=emask, other=0.0)
-    v = tl.load(EV + e[:, None] * sevn + d[None, :], mask=emask, other=0.0)
+    k = tl.load(EK + e[:, None] * sekn + d[None, :], mask=evalid[:, None] & dmask[None, :], other=0.0)
+    v = tl.load(EV + e[:, None] * sevn + c[None, :], mask=evalid[:, None] & cmask[None, :], other=0.0)
     return evalid, k, v
 
 
 @triton.jit
+def _value_lanes(DVH, BLOCK_DV: tl.constexpr):
+    """Lanes of the value head dim ``DVH`` (padded to BLOCK_DV) and their mask."""
+    c = tl.arange(0, BLOCK_DV)
+    return c, c < DVH
+
+
+@triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, BA, BB, EK, EV,
+    Q, K, V, O, LSE, BA, BB, EK, EV, KM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sekb, sekh, sekn, sevb, sevh, sevn,
-    H, G, D, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+    H, G, D, DVH, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale_log2, sig_bias_log2,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
-    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
+    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    KMASK: tl.constexpr,
 ):
     """One program per (query tile, batch x head): online softmax over the visible key tiles, then the
     ``NE`` extra tokens every query sees."""
-    bh, b, h, hk, o0, o1, o2, qc0, qc1, qc2, qflat, qvalid, d, dmask, qmask, q = _query_tile(
+    bh, b, h, hk, o0, o1, o2, qc0, qc1, qc2, qflat, qvalid, d, dmask, _qmask, q = _query_tile(
         Q, sqb, sqh, sqn, H, G, D, QS0, QS1, QS2, QT0, QT1, QT2, BLOCK_D)
+    c, cmask = _value_lanes(DVH, BLOCK_DV)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
+    KM += b * (KS0 * KS1 * KS2)
     row0 = bh.to(tl.int64) * (QS0 * QS1 * QS2)
 
     m = tl.full([QT0 * QT1 * QT2], float("-inf"), tl.float32)
     l = tl.zeros([QT0 * QT1 * QT2], tl.float32)
-    acc = tl.zeros([QT0 * QT1 * QT2, BLOCK_D], tl.float32)
+    acc = tl.zeros([QT0 * QT1 * QT2, BLOCK_DV], tl.float32)
     f0, f1, f2, n0, n1, n2 = _kv_tiles(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
                                        ST0, ST1, ST2, QT0, QT1, QT2, KT0, KT1, KT2, MODE, CAUSAL)
     for t in range(0, n0 * n1 * n2):
-        kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask,
-                                                       KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL)
+        kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, KM, skn, svn, d, dmask, c,
+                                                       cmask, KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL,
+                                                       KMASK)
         vis, bias, _, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h, row0,
                                       KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
                                       MODE, CAUSAL, BIAS)
@@ -392,7 +411,7 @@ def _attn_fwd(
     EK += b * sekb + hk * sekh
     EV += b * sevb + hk * sevh
     for e0 in range(0, NE, KT0 * KT1 * KT2):
-        evalid, k, v = _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, NE, KT0 * KT1 * KT2)
+        evalid, k, v = _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, c, cmask, NE, KT0 * KT1 * KT2)
         s = _scores(q, k, qvalid[:, None] & evalid[None, :], 0.0, scale_log2, sig_bias_log2, SCORE, PRECISION)
         m, l, acc = _softmax_step(m, l, acc, s, v, SCORE, PRECISION)
 
@@ -405,7 +424,8 @@ def _attn_fwd(
     else:
         lse = tl.zeros([QT0 * QT1 * QT2], tl.float32)  # sigmoid scoring has no normalizer
     tl.store(LSE + bh.to(tl.int64) * (QS0 * QS1 * QS2) + qflat, lse, mask=qvalid)
-    tl.store(O + b * sob + h * soh + qflat[:, None] * son + d[None, :], acc.to(O.dtype.element_ty), mask=qmask)
+    tl.store(O + b * sob + h * soh + qflat[:, None] * son + c[None, :], acc.to(O.dtype.element_ty),
+             mask=qvalid[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -425,16 +445,17 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BA, BB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BA, BB, KM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
-    H, G, D, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+    H, G, D, DVH, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale, scale_log2, sig_bias_log2,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
-    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
+    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    KMASK: tl.constexpr,
 ):
     """One program per (key tile, batch x kv head): accumulates dK, dV over the queries that see the tile
-    (the inverse neighborhood), for every query head of the GQA group — no atomics."""
+    (the inverse neighborhood), for every query head of the GQA group — no atomics. ``DVH``: value head dim."""
     bhk = tl.program_id(1)
     HK = H // G
     b = (bhk // HK).to(tl.int64)
@@ -443,12 +464,15 @@ def _attn_bwd_dkdv(
     kc0, kc1, kc2, kflat, kvalid = _tile(o0, o1, o2, KS0, KS1, KS2, KT0, KT1, KT2)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
+    c, cmask = _value_lanes(DVH, BLOCK_DV)
     kaddr, kin = _key_address(kc0, kc1, kc2, kflat, kvalid, KS1, KS2, DL1, DL2, MODE, CAUSAL)
+    kvalid = _key_keep(KM + b * (KS0 * KS1 * KS2), kflat, kvalid, KMASK)
     kmask = kin[:, None] & dmask[None, :]
+    vmask = kin[:, None] & cmask[None, :]
     k = tl.load(K + b * skb + hk * skh + kaddr[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + kaddr[:, None] * svn + d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + kaddr[:, None] * svn + c[None, :], mask=vmask, other=0.0)
     dk = tl.zeros([KT0 * KT1 * KT2, BLOCK_D], tl.float32)
-    dv = tl.zeros([KT0 * KT1 * KT2, BLOCK_D], tl.float32)
+    dv = tl.zeros([KT0 * KT1 * KT2, BLOCK_DV], tl.float32)
     NQ = QS0 * QS1 * QS2
 
     lo0, hi0, lo1, hi1, lo2, hi2 = _q_box(o0, o1, o2, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
@@ -463,9 +487,8 @@ def _attn_bwd_dkdv(
             qc0, qc1, qc2, qflat, qvalid = _tile(
                 (f0 + t // (n1 * n2)) * QT0, (f1 + (t // n2) % n1) * QT1, (f2 + t % n2) * QT2,
                 QS0, QS1, QS2, QT0, QT1, QT2)
-            qmask = qvalid[:, None] & dmask[None, :]
-            q = tl.load(Qh + qflat[:, None] * sqn + d[None, :], mask=qmask, other=0.0)
-            do = tl.load(DOh + qflat[:, None] * sdon + d[None, :], mask=qmask, other=0.0)
+            q = tl.load(Qh + qflat[:, None] * sqn + d[None, :], mask=qvalid[:, None] & dmask[None, :], other=0.0)
+            do = tl.load(DOh + qflat[:, None] * sdon + c[None, :], mask=qvalid[:, None] & cmask[None, :], other=0.0)
             lse2 = tl.load(LSE + row + qflat, mask=qvalid, other=0.0) * LOG2E
             delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
             vis, bias, _, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h,
@@ -481,26 +504,30 @@ def _attn_bwd_dkdv(
     if MODE == MODE_HALO:
         if CAUSAL:
             n_keys = KS0 * (KS1 - 2 * DL1) * (KS2 - 2 * DL2)
-    out = (b * HK + hk) * n_keys * D + kaddr[:, None] * D + d[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
+    rows = (b * HK + hk) * n_keys + kaddr
+    tl.store(DK + rows[:, None] * D + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + rows[:, None] * DVH + c[None, :], dv.to(DV.dtype.element_ty), mask=vmask)
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, BA, BB, DBA, DBB, EK, EV,
+    Q, K, V, DO, LSE, DELTA, DQ, BA, BB, DBA, DBB, EK, EV, KM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sekb, sekh, sekn, sevb, sevh, sevn,
-    H, G, D, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+    H, G, D, DVH, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale, scale_log2, sig_bias_log2,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
-    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr,
+    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    KMASK: tl.constexpr,
 ):
     """One program per (query tile, batch x head): the forward's key walk (neighborhood then extra tokens),
     accumulating dQ; the bias gradient is scattered into the fp32 table with atomics."""
     bh, b, h, hk, o0, o1, o2, qc0, qc1, qc2, qflat, qvalid, d, dmask, qmask, q = _query_tile(
         Q, sqb, sqh, sqn, H, G, D, QS0, QS1, QS2, QT0, QT1, QT2, BLOCK_D)
-    do = tl.load(DO + b * sdob + h * sdoh + qflat[:, None] * sdon + d[None, :], mask=qmask, other=0.0)
+    c, cmask = _value_lanes(DVH, BLOCK_DV)
+    do = tl.load(DO + b * sdob + h * sdoh + qflat[:, None] * sdon + c[None, :], mask=qvalid[:, None] & cmask[None, :],
+                 other=0.0)
+    KM += b * (KS0 * KS1 * KS2)
     row = bh.to(tl.int64) * (QS0 * QS1 * QS2)
     lse2 = tl.load(LSE + row + qflat, mask=qvalid, other=0.0) * LOG2E
     delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
@@ -511,8 +538,9 @@ def _attn_bwd_dq(
     f0, f1, f2, n0, n1, n2 = _kv_tiles(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
                                        ST0, ST1, ST2, QT0, QT1, QT2, KT0, KT1, KT2, MODE, CAUSAL)
     for t in range(0, n0 * n1 * n2):
-        kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, skn, svn, d, dmask,
-                                                       KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL)
+        kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, KM, skn, svn, d, dmask, c,
+                                                       cmask, KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL,
+                                                       KMASK)
         vis, bias, ia, ib = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h, row,
                                         KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
                                         MODE, CAUSAL, BIAS)
@@ -528,7 +556,7 @@ def _attn_bwd_dq(
     EK += b * sekb + hk * sekh
     EV += b * sevb + hk * sevh
     for e0 in range(0, NE, KT0 * KT1 * KT2):
-        evalid, k, v = _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, NE, KT0 * KT1 * KT2)
+        evalid, k, v = _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, c, cmask, NE, KT0 * KT1 * KT2)
         _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, qvalid[:, None] & evalid[None, :], 0.0,
                                    scale_log2, sig_bias_log2, SCORE, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

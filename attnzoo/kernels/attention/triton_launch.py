@@ -116,14 +116,21 @@ def halo_geometry(q: torch.Tensor, k: torch.Tensor, block_size: int, halo_size: 
                     (0, halo_size, halo_size), (1, q_block, q_block), MODE_HALO.value, int(pad_zeros))
 
 
-def _constexprs(q: torch.Tensor, geo: Geometry, score: str, bias_kind: int, pass_: str) -> dict:
-    cfg = _launch_config(pass_, q.shape[-1], q.dtype)
+def _block(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _constexprs(q: torch.Tensor, geo: Geometry, score: str, bias_kind: int, pass_: str, v_dim: int | None = None,
+                key_mask: bool = False) -> dict:
+    """Kernel constexprs and launch options; ``v_dim``: value head dim (default q's)."""
+    v_dim = q.shape[-1] if v_dim is None else v_dim
+    cfg = _launch_config(pass_, max(q.shape[-1], v_dim), q.dtype)
     qt, kt = _tile_shape(geo.q_grid, cfg["block_m"]), _tile_shape(geo.kv_grid, cfg["block_n"])
     return dict(
         MODE=geo.mode, CAUSAL=geo.causal, SCORE=SCORES[score], BIAS=bias_kind,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         QT0=qt[0], QT1=qt[1], QT2=qt[2], KT0=kt[0], KT1=kt[1], KT2=kt[2],
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        BLOCK_D=_block(q.shape[-1]), BLOCK_DV=_block(v_dim), KMASK=key_mask,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -154,6 +161,13 @@ class Bias(NamedTuple):
     b: torch.Tensor
 
 
+def _key_mask_arg(q: torch.Tensor, key_mask: torch.Tensor | None):
+    """(pointer, flag): the (B, M) keep-mask as bytes, or q as an unread placeholder."""
+    if key_mask is None:
+        return q, False
+    return key_mask.contiguous().view(torch.uint8), True
+
+
 def _bias_args(q: torch.Tensor, bias: Bias | None):
     if bias is None:
         return BIAS_NONE.value, q, q
@@ -161,28 +175,33 @@ def _bias_args(q: torch.Tensor, bias: Bias | None):
 
 
 def attention_fwd(q, k, v, geo: Geometry, scale, score, sigmoid_bias, bias: Bias | None = None, extra_k=None,
-                  extra_v=None):
-    """q: (B, H, *grid, D), k/v: (B, H_kv, *grid_kv, D) -> out like q, lse (B, H, *grid) fp32 (natural log).
+                  extra_v=None, key_mask=None):
+    """q: (B, H, *grid, D), k: (B, H_kv, *grid_kv, D), v: (B, H_kv, *grid_kv, Dv) -> out (B, H, *grid, Dv),
+    lse (B, H, *grid) fp32 (natural log).
 
-    extra_k/v: (B, H_kv, E, D) tokens all queries see, in the same softmax.
+    extra_k/v: (B, H_kv, E, D / Dv) tokens all queries see, in the same softmax. key_mask: (B, M) bool,
+    True = the key is seen (dense mode).
     """
     B, H = q.shape[:2]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     ek, ev, n_extra = _extra(q, extra_k, extra_v)
-    out = qf.new_empty(qf.shape)  # contiguous, whatever q's strides
+    dv = v.shape[-1]
+    out = qf.new_empty((*qf.shape[:3], dv))  # contiguous, whatever q's strides
     lse = torch.empty(qf.shape[:3], device=q.device, dtype=torch.float32)
     kind, ba, bb = _bias_args(q, bias)
-    consts = _constexprs(q, geo, score, kind, "fwd")
+    km, has_km = _key_mask_arg(q, key_mask)
+    consts = _constexprs(q, geo, score, kind, "fwd", dv, has_km)
     grid = (_tiles(geo.q_grid, (consts["QT0"], consts["QT1"], consts["QT2"])), B * H)
     _attn_fwd[grid](
-        qf, kf, vf, out, lse, ba, bb, ek, ev, *_strides(qf, kf, vf, out, ek, ev),
-        H, H // k.shape[1], q.shape[-1], n_extra, *geo.scalars(), scale * _LOG2E, sigmoid_bias * _LOG2E, **consts,
+        qf, kf, vf, out, lse, ba, bb, ek, ev, km, *_strides(qf, kf, vf, out, ek, ev),
+        H, H // k.shape[1], q.shape[-1], dv, n_extra, *geo.scalars(), scale * _LOG2E, sigmoid_bias * _LOG2E,
+        **consts,
     )
-    return out.view(q.shape), lse.view(q.shape[:-1])
+    return out.view(*q.shape[:-1], dv), lse.view(q.shape[:-1])
 
 
 def attention_bwd(do, q, k, v, out, lse, geo: Geometry, scale, score, sigmoid_bias, bias: Bias | None = None,
-                  extra_k=None, extra_v=None):
+                  extra_k=None, extra_v=None, key_mask=None):
     """Gradients (dq, dk, dv, (dbias_a, dbias_b) | None, dextra_k, dextra_v) from the saved ``lse``.
 
     Bias gradients are fp32 and shaped like the bias tensors; None marks absent inputs.
@@ -200,26 +219,27 @@ def attention_bwd(do, q, k, v, out, lse, geo: Geometry, scale, score, sigmoid_bi
     if bias is not None:
         dba = torch.zeros(ba.shape, device=q.device, dtype=torch.float32)
         dbb = dba if bias.kind == BIAS_TABLE.value else torch.zeros(bb.shape, device=q.device, dtype=torch.float32)
-    common = (H, H // k.shape[1], q.shape[-1])
+    common = (H, H // k.shape[1], q.shape[-1], v.shape[-1])
     scalars = (scale, scale * _LOG2E, sigmoid_bias * _LOG2E)
+    km, has_km = _key_mask_arg(q, key_mask)
 
-    def dkdv(kf_, vf_, dk_, dv_, geo_, kind_):
-        consts = _constexprs(q, geo_, score, kind_, "dkdv")
+    def dkdv(kf_, vf_, dk_, dv_, geo_, kind_, masked):
+        consts = _constexprs(q, geo_, score, kind_, "dkdv", v.shape[-1], masked)
         grid = (_tiles(geo_.kv_grid, (consts["KT0"], consts["KT1"], consts["KT2"])), B * k.shape[1])
-        _attn_bwd_dkdv[grid](qf, kf_, vf_, dof, lse, delta, dk_, dv_, ba, bb, *_strides(qf, kf_, vf_, dof),
+        _attn_bwd_dkdv[grid](qf, kf_, vf_, dof, lse, delta, dk_, dv_, ba, bb, km, *_strides(qf, kf_, vf_, dof),
                              *common, *geo_.scalars(), *scalars, **consts)
 
-    dkdv(kf, vf, dk, dv, geo, kind)
+    dkdv(kf, vf, dk, dv, geo, kind, has_km)
     dek = dev = None
     if n_extra:
         # Extra tokens are seen by every query: the dense dK/dV pass, normalized by the full softmax's lse.
         dek, dev = ek.new_empty(ek.shape), ev.new_empty(ev.shape)
         dense = geo._replace(kv_grid=(1, 1, n_extra), mode=MODE_DENSE.value, causal=0)
-        dkdv(ek, ev, dek, dev, dense, BIAS_NONE.value)
+        dkdv(ek, ev, dek, dev, dense, BIAS_NONE.value, False)
         dek, dev = dek.view(extra_k.shape), dev.view(extra_v.shape)
-    consts = _constexprs(q, geo, score, kind, "dq")
+    consts = _constexprs(q, geo, score, kind, "dq", v.shape[-1], has_km)
     grid = (_tiles(geo.q_grid, (consts["QT0"], consts["QT1"], consts["QT2"])), B * H)
-    _attn_bwd_dq[grid](qf, kf, vf, dof, lse, delta, dq, ba, bb, dba, dbb, ek, ev,
+    _attn_bwd_dq[grid](qf, kf, vf, dof, lse, delta, dq, ba, bb, dba, dbb, ek, ev, km,
                        *_strides(qf, kf, vf, dof, ek, ev), *common, n_extra, *geo.scalars(), *scalars, **consts)
     dbias = None if bias is None else (dba, dbb)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dbias, dek, dev

@@ -43,7 +43,7 @@ def halo_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor | None, rel_w: torch.Tensor | None,
     block_size: int, halo_size: int, pad_mode: str, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: (B, H, Xq, Yq, D), k/v: (B, H_kv, X, Y, D) -> (out like q, lse (B, H, Xq, Yq))."""
+    """q: (B, H, Xq, Yq, D), k: (B, H_kv, X, Y, D), v: (..., Dv) -> (out (B, H, Xq, Yq, Dv), lse (B, H, Xq, Yq))."""
     if backend == "triton":
         tk = _triton()
         geo = tk.halo_geometry(q, k, block_size, halo_size, pad_mode == "zeros")
@@ -53,7 +53,7 @@ def halo_fwd(
 
 @halo_fwd.register_fake
 def _(q, k, v, rel_h, rel_w, block_size, halo_size, pad_mode, scale, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnzoo::halo_bwd", mutates_args=())

@@ -40,7 +40,7 @@ def na_fwd(
     extra_v: torch.Tensor | None, kernel_size: list[int], dilation: list[int], stride: list[int],
     causal: list[bool], scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: (B, H, *grid, D), k/v: (B, H_kv, *grid, D) -> (out like q, lse (B, H, *grid))."""
+    """q: (B, H, *grid, D), k: (B, H_kv, *grid, D), v: (..., Dv) -> (out (B, H, *grid, Dv), lse (B, H, *grid))."""
     if backend == "triton":
         tk = _triton()
         geo = tk.neighborhood_geometry(q, kernel_size, dilation, stride, causal)
@@ -50,7 +50,7 @@ def na_fwd(
 
 @na_fwd.register_fake
 def _(q, k, v, rpb, extra_k, extra_v, kernel_size, dilation, stride, causal, scale, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnzoo::na_bwd", mutates_args=())
@@ -110,7 +110,7 @@ def _check_geometry(grid, kernel_size, dilation, stride) -> None:
             raise ValueError(f"stride[{a}]={s} must be in [1, kernel_size[{a}]={k}]")
 
 
-def _check_extras(q, k, rpb, extra_k, extra_v, kernel_size, stride) -> None:
+def _check_extras(q, k, v, rpb, extra_k, extra_v, kernel_size, stride) -> None:
     if rpb is not None:
         expect = (q.shape[1], *(2 * x - 1 for x in kernel_size))
         if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expect:
@@ -124,10 +124,12 @@ def _check_extras(q, k, rpb, extra_k, extra_v, kernel_size, stride) -> None:
         raise ValueError("extra_k and extra_v must be given together (both or neither)")
     if extra_k is not None:
         validate.check_tensor("extra_k", extra_k, 4, "(B, H_kv, E, D)")
-        expect = (k.shape[0], k.shape[1], extra_k.shape[2], k.shape[-1])
-        for name, t in (("extra_k", extra_k), ("extra_v", extra_v)):
+        n_extra = extra_k.shape[2]
+        for name, t, like, ref, dim in (("extra_k", extra_k, "k", k, "D"), ("extra_v", extra_v, "v", v, "Dv")):
+            expect = (ref.shape[0], ref.shape[1], n_extra, ref.shape[-1])
             if tuple(t.shape) != expect:
-                raise ValueError(f"{name} must have shape (B, H_kv, E, D) = {expect} to match k; got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must have shape (B, H_kv, E, {dim}) = {expect} to match {like}; got {tuple(t.shape)}")
         validate.check_same("dtype", (("q", q), ("extra_k", extra_k), ("extra_v", extra_v)))
         validate.check_same("device", (("q", q), ("extra_k", extra_k), ("extra_v", extra_v)))
 
@@ -142,7 +144,7 @@ def neighborhood_attention(q, k, v, kernel_size, dilation=1, stride=1, is_causal
     stride = validate.per_axis("stride", stride, spatial, int)
     causal = validate.per_axis("is_causal", is_causal, spatial, bool)
     _check_geometry(grid, kernel_size, dilation, stride)
-    _check_extras(q, k, rpb, extra_k, extra_v, kernel_size, stride)
+    _check_extras(q, k, v, rpb, extra_k, extra_v, kernel_size, stride)
     scale = validate.check_scale(scale, q.shape[-1])
     resolved = resolve_backend(backend, q.device)
     if resolved == "triton":

@@ -24,17 +24,17 @@ def _rpb_bias(rpb: torch.Tensor, shape, kernel_size, dilation) -> torch.Tensor:
 def na_reference(
     q, k, v, kernel_size, dilation, stride, is_causal, rpb=None, extra_k=None, extra_v=None, scale=None
 ) -> torch.Tensor:
-    """q: (B, H, *S, D), k/v: (B, H_kv, *S, D) -> (B, H, *S, D); materializes the (N, N) score matrix.
+    """q: (B, H, *S, D), k: (B, H_kv, *S, D), v: (B, H_kv, *S, Dv) -> (B, H, *S, Dv); materializes (N, N) scores.
 
     Each query sees its NATTEN neighborhood (``semantics.neighborhood_mask``) plus the E extra keys
-    ``extra_k``/``extra_v`` (B, H_kv, E, D), one softmax over both. ``rpb`` (H, 2k0-1[, 2k1-1[, 2k2-1]])
+    ``extra_k``/``extra_v`` (B, H_kv, E, D / Dv), one softmax over both. ``rpb`` (H, 2k0-1[, 2k1-1[, 2k2-1]])
     is added to the neighborhood logits at the per-axis ``semantics.relative_index``; extra keys get no bias.
     """
     B, H, *S, D = q.shape
     n, group = math.prod(S), H // k.shape[1]
     q = q.reshape(B, H, n, D)
     k = k.repeat_interleave(group, 1).reshape(B, H, n, D)
-    v = v.repeat_interleave(group, 1).reshape(B, H, n, D)
+    v = v.repeat_interleave(group, 1).reshape(B, H, n, v.shape[-1])
     scale = D**-0.5 if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
     if rpb is not None:
@@ -45,4 +45,4 @@ def na_reference(
         ek, ev = extra_k.repeat_interleave(group, 1), extra_v.repeat_interleave(group, 1)
         s = torch.cat([s, (q @ ek.transpose(-1, -2)) * scale], -1)
         v = torch.cat([v, ev], -2)
-    return (s.softmax(-1) @ v).reshape(B, H, *S, D)
+    return (s.softmax(-1) @ v).reshape(B, H, *S, v.shape[-1])

@@ -204,10 +204,11 @@ def _bias_table(rpb, cdt):
 
 
 def na_fwd(q, k, v, kernel_size, dilation, stride, causal, scale: float, rpb, extra_k, extra_v):
-    """Neighborhood attention forward: ``out`` (B, H, *S, D) in q.dtype and ``lse`` (B, H, *S).
+    """Neighborhood attention forward: ``out`` (B, H, *S, Dv) in q.dtype and ``lse`` (B, H, *S).
 
-    q: (B, H, *S, D), k/v: (B, H_kv, *S, D); rpb: (H, 2k0-1, ...) or None; extra_k/extra_v: (B, H_kv, E, D)
-    or None (tokens every query sees, no bias). ``lse`` is float32 (float64 for float64 inputs).
+    q: (B, H, *S, D), k: (B, H_kv, *S, D), v: (B, H_kv, *S, Dv); rpb: (H, 2k0-1, ...) or None;
+    extra_k/extra_v: (B, H_kv, E, D / Dv) or None (tokens every query sees, no bias). ``lse`` is float32
+    (float64 for float64 inputs).
     """
     _check(stride, rpb)
     cdt = compute_dtype(q.dtype)
@@ -230,7 +231,7 @@ def na_fwd(q, k, v, kernel_size, dilation, stride, causal, scale: float, rpb, ex
         lses.append(m.add_(denom.log2_()).mul_(LN2))
     o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     lse = lses[0] if len(lses) == 1 else torch.cat(lses, 1)
-    out = o.view(bh, -1, dim).index_select(1, plan.inv_index).to(q.dtype).view(q.shape)
+    out = o.view(bh, -1, v.shape[-1]).index_select(1, plan.inv_index).to(q.dtype).view(*q.shape[:-1], v.shape[-1])
     lse = lse.view(bh, -1).index_select(1, plan.inv_index).view(q.shape[:-1])
     return out, lse
 
@@ -247,14 +248,15 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
     plan = plan_for(q.shape, kv_heads, kernel_size, dilation, stride, causal, extra, rpb is not None, q.device, q.dtype)
     bh, group = batch * kv_heads, heads // kv_heads
     n_tok = math.prod(q.shape[2:-1])
-    q3, do3 = q.reshape(bh, -1, dim), do.reshape(bh, -1, dim)
-    delta3 = (do3.to(cdt) * out.reshape(bh, -1, dim).to(cdt)).sum(-1)  # (B*H_kv, G*N)
+    dim_v = v.shape[-1]
+    q3, do3 = q.reshape(bh, -1, dim), do.reshape(bh, -1, dim_v)
+    delta3 = (do3.to(cdt) * out.reshape(bh, -1, dim_v).to(cdt)).sum(-1)  # (B*H_kv, G*N)
     lse3 = lse.reshape(bh, -1).to(cdt) * LOG2E
     kf, vf = _kv_tokens(k, extra_k, cdt), _kv_tokens(v, extra_v, cdt)
     table = _bias_table(rpb, cdt)
 
     dk_acc = torch.zeros(bh, n_tok + extra, dim, dtype=cdt, device=q.device)
-    dv_acc = torch.zeros(bh, n_tok + extra, dim, dtype=cdt, device=q.device)
+    dv_acc = torch.zeros(bh, n_tok + extra, dim_v, dtype=cdt, device=q.device)
     drpb = None if rpb is None else torch.zeros(heads, rpb[0].numel(), dtype=cdt, device=q.device)
     dqs = []
     box_e = plan.box + extra
@@ -267,7 +269,7 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
         lse_t = _gather_rows(lse3, plan.q_index, plan, a, b).masked_fill_(~plan.q_valid[a:b], float("inf"))
         delta_t = _gather_rows(delta3, plan.q_index, plan, a, b)
         p = _scores(qt, kt, plan, a, b, batch, kv_heads, table).sub_(lse_t[..., None]).exp2_()
-        dv_t = torch.matmul(p.transpose(-1, -2), dot)  # (BH, nt, box+E, D)
+        dv_t = torch.matmul(p.transpose(-1, -2), dot)  # (BH, nt, box+E, Dv)
         ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta_t[..., None]).mul_(p)
         del p
         dqs.append(torch.matmul(ds, kt).mul_(scale))
@@ -275,7 +277,7 @@ def na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale: 
         rows = plan.k_index[a * box_e:b * box_e]
         # index_add_ along dim 1 runs serially; along dim 0 it is parallel and erratic on a busy 2-core CPU.
         dk_acc.index_add_(1, rows, dk_t.view(bh, nt * box_e, dim))
-        dv_acc.index_add_(1, rows, dv_t.view(bh, nt * box_e, dim))
+        dv_acc.index_add_(1, rows, dv_t.view(bh, nt * box_e, dim_v))
         if drpb is not None:
             d6 = ds.view(batch, kv_heads, nt, group, plan.tq, box_e)[..., :plan.box].sum(0)
             # (H_kv, nt, G, Tq, box) -> (H, nt·Tq·box), summed into the table along its flat bias index
