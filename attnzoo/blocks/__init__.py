@@ -10,6 +10,7 @@ from attnzoo.blocks.channel import (
 from attnzoo.blocks.cross import AttentivePoolingHead, CrossAttention, CrossViTFusion
 from attnzoo.blocks.halo import HaloAttention
 from attnzoo.blocks.mhsa import MultiHeadSelfAttention
+from attnzoo.blocks.moh import MoHRouter, auxiliary_loss
 from attnzoo.blocks.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 
 __all__ = [
@@ -20,10 +21,12 @@ __all__ = [
     "EfficientChannelAttention",
     "FrequencyChannelAttention",
     "HaloAttention",
+    "MoHRouter",
     "MultiHeadSelfAttention",
     "NeighborhoodAttention1d",
     "NeighborhoodAttention2d",
     "NeighborhoodAttention3d",
     "SqueezeExcite",
     "SubspaceAttention",
+    "auxiliary_loss",
 ]

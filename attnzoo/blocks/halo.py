@@ -14,6 +14,7 @@ from timm.layers.helpers import make_divisible
 from timm.layers.weight_init import trunc_normal_
 from torch import Tensor, nn
 
+from attnzoo.blocks.moh import make_router
 from attnzoo.kernels import BACKENDS
 from attnzoo.kernels.halo import halo2d
 
@@ -82,6 +83,9 @@ class HaloAttention(nn.Module):
         scale_pos_embed: scale the relative logits by ``dim_head ** -0.5`` as well as q·k.
         pad_mode: ``"zeros"`` (timm) or ``"mask"``, see above.
         backend: kernel backend passed to ``halo2d`` (None = automatic).
+        moh: mixture-of-heads routing, ``dict(shared_heads=, top_k=[, load_balance_weight=])``: a ``router``
+            (``attnzoo.blocks.moh``) gates each (token, head) output; None = every head at weight 1.
+            Tokens are routed at their query positions.
 
     Shapes: ``forward(x)``: (B, C, H, W) -> (B, dim_out, H / stride, W / stride).
     """
@@ -102,6 +106,7 @@ class HaloAttention(nn.Module):
         scale_pos_embed: bool = False,
         pad_mode: str = "zeros",
         backend: str | None = None,
+        moh: dict | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -133,6 +138,7 @@ class HaloAttention(nn.Module):
         self.kv = nn.Conv2d(dim, self.dim_out_qk + self.dim_out_v, 1, bias=qkv_bias, **dd)
         self.pos_embed = HaloPosEmbedRel(self.block_size_ds, self.win_size, self.dim_head_qk, self.scale, **dd)
         self.pool = nn.AvgPool2d(2, 2) if use_avg_pool else nn.Identity()
+        self.router = make_router(moh, dim, num_heads, dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -174,9 +180,17 @@ class HaloAttention(nn.Module):
             rel_w=rel_w,
             scale=self.scale,
             backend=self.backend,
+            gates=self._gates(x, q.shape[2]),
         )
         out = out.permute(0, 1, 4, 2, 3).reshape(B, self.dim_out_v, out.shape[2], out.shape[3])
         return self.pool(out)
+
+    def _gates(self, x: Tensor, query_rows: int) -> Tensor | None:
+        """Router gates (B, H, Hq, Wq) from the input pixels at the query positions (every r-th, r = H / Hq)."""
+        if self.router is None:
+            return None
+        r = x.shape[2] // query_rows
+        return self.router(x[:, :, ::r, ::r].permute(0, 2, 3, 1))
 
     def extra_repr(self) -> str:
         return (

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from attnzoo.blocks.moh import make_router
 from attnzoo.blocks.qkv import QKVProjection, check_block_options
 from attnzoo.kernels import SCORES, attention
 
@@ -33,6 +34,8 @@ class MultiHeadSelfAttention(QKVProjection):
         proj_drop: dropout after the output projection.
         norm_layer: constructor of the qk-norm layer, called as ``norm_layer(D, device=, dtype=)``.
         backend: kernel backend passed to ``attnzoo.kernels.attention`` (None = automatic).
+        moh: mixture-of-heads routing, ``dict(shared_heads=, top_k=[, load_balance_weight=])``: a ``router``
+            (``attnzoo.blocks.moh``) gates each (token, head) output; None = every head at weight 1.
 
     Shapes: ``forward(x)``: (B, N, C) -> (B, N, C).
     """
@@ -50,6 +53,7 @@ class MultiHeadSelfAttention(QKVProjection):
         proj_drop: float = 0.0,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         backend: str | None = None,
+        moh: dict | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -63,12 +67,15 @@ class MultiHeadSelfAttention(QKVProjection):
         self.backend = backend
         self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.router = make_router(moh, dim, num_heads, {"device": device, "dtype": dtype})
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         q, k, v = self.project_qkv(x)
-        out = attention(q, k, v, causal=self.causal, scale=self.scale, score=self.score, backend=self.backend)
+        gates = None if self.router is None else self.router(x)
+        out = attention(q, k, v, causal=self.causal, scale=self.scale, score=self.score, gates=gates,
+                        backend=self.backend)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
 

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from attnzoo.blocks.moh import make_router
 from attnzoo.blocks.qkv import QKVProjection, check_block_options
 from attnzoo.kernels.neighborhood import na1d, na2d, na3d
 from attnzoo.kernels.validate import per_axis
@@ -50,6 +51,8 @@ Args:
     proj_drop: dropout after the output projection.
     norm_layer: constructor of the qk-norm layer, called as ``norm_layer(D, device=, dtype=)``.
     backend: kernel backend passed to the ``na*d`` op (None = automatic: Triton on CUDA, torch elsewhere).
+    moh: mixture-of-heads routing, ``dict(shared_heads=, top_k=[, load_balance_weight=])``: a ``router``
+        (``attnzoo.blocks.moh``) gates each (token, head) output; None = every head at weight 1.
 
 Shapes: ``forward(x, extra=None)``: x (B, *spatial, C) -> (B, *spatial, C); ``extra`` (B, E', C) are
 optional external tokens (global / cross) projected like the registers and seen by every query.
@@ -81,6 +84,7 @@ class _NeighborhoodAttention(QKVProjection):
         proj_drop: float = 0.0,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         backend: str | None = None,
+        moh: dict | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -110,6 +114,7 @@ class _NeighborhoodAttention(QKVProjection):
             self.register_parameter("extra_kv", None)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.router = make_router(moh, dim, num_heads, dd)
 
     def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
         """x: (B, *spatial, C) -> (B, *spatial, C); ``extra``: optional (B, E, C) tokens every query sees."""
@@ -124,7 +129,8 @@ class _NeighborhoodAttention(QKVProjection):
         extra_k, extra_v = (None, None) if tokens is None else (t.contiguous() for t in self.project_kv(tokens))
         op = _OPS[self.spatial]
         window = (self.kernel_size, self.dilation, self.stride, self.is_causal)
-        out = op(q, k, v, *window, self.rpb, extra_k, extra_v, scale=self.scale, backend=self.backend)
+        gates = None if self.router is None else self.router(x)
+        out = op(q, k, v, *window, self.rpb, extra_k, extra_v, scale=self.scale, backend=self.backend, gates=gates)
         out = out.movedim(1, -2).reshape(x.shape)  # (B, H, *S, D) -> (B, *S, H*D)
         return self.proj_drop(self.proj(out))
 

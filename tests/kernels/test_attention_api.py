@@ -106,7 +106,7 @@ def test_opcheck(backend, score, request):
     q, k, v = (t.requires_grad_() for t in qkv(H=4, Hkv=2, N=10, M=7, device=device))
     keep = torch.rand(1, 7, device=device) < 0.7
     for key_mask in (None, keep):
-        torch.library.opcheck(attention_fwd, (q, k, v, key_mask, True, 0.25, score, -1.0, backend))
+        torch.library.opcheck(attention_fwd, (q, k, v, key_mask, None, True, 0.25, score, -1.0, backend))
 
 
 def test_compile_fullgraph_torch_path():

@@ -98,10 +98,19 @@ def test_opcheck_na_and_halo(backend, request):
     q, k, v = (t.requires_grad_() for t in grid_qkv(5, 6, H=2, Hkv=1, device=device))
     rpb = randn(2, 5, 3, dtype=torch.float32, device=device).requires_grad_()
     ek, ev = (randn(1, 1, 3, 16, dtype=torch.float32, device=device).requires_grad_() for _ in range(2))
-    torch.library.opcheck(na_fwd, (q, k, v, rpb, ek, ev, [3, 2], [1, 2], [1, 1], [False, True], 0.25, backend))
+    for gates in (None, _gates(q)):
+        torch.library.opcheck(
+            na_fwd, (q, k, v, rpb, ek, ev, gates, [3, 2], [1, 2], [1, 1], [False, True], 0.25, backend))
     q, k, v = (t.requires_grad_() for t in grid_qkv(8, 8, device=device))
     rel_h, rel_w = (randn(11, 16, dtype=torch.float32, device=device).requires_grad_() for _ in range(2))
-    torch.library.opcheck(halo_fwd, (q, k, v, rel_h, rel_w, 4, 1, "zeros", 0.25, backend))
+    for gates in (None, _gates(q)):
+        torch.library.opcheck(halo_fwd, (q, k, v, rel_h, rel_w, gates, 4, 1, "zeros", 0.25, backend))
+
+
+def _gates(q: torch.Tensor) -> torch.Tensor:
+    """Random non-negative (B, H, *grid) gates, about half of them zero."""
+    gates = torch.rand(q.shape[:-1], device=q.device)
+    return (gates * (gates > 0.5)).requires_grad_()
 
 
 def test_compile_fullgraph_and_meta():

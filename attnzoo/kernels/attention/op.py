@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from attnzoo.kernels import validate
+from attnzoo.kernels import gating, validate
 from attnzoo.kernels.attention import torch_impl
 from attnzoo.kernels.attention.reference import attention_reference
 from attnzoo.kernels.backend import resolve_backend
@@ -30,20 +30,22 @@ def _triton():
 
 @torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, causal: bool, scale: float,
-    score: str, sigmoid_bias: float, backend: str,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, gates: torch.Tensor | None,
+    causal: bool, scale: float, score: str, sigmoid_bias: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: (B, H, N, D), k: (B, H_kv, M, D), v: (B, H_kv, M, Dv), key_mask: (B, M) bool keep-mask or None
-    -> (out (B, H, N, Dv), lse (B, H, N))."""
+    """q: (B, H, N, D), k: (B, H_kv, M, D), v: (B, H_kv, M, Dv), key_mask: (B, M) bool keep-mask or None,
+    gates: (B, H, N) output gates or None -> (out (B, H, N, Dv), lse (B, H, N))."""
     if backend == "triton":
         tk = _triton()
         return tk.attention_fwd(q, k, v, tk.dense_geometry(q, k, causal), scale, score, sigmoid_bias,
-                                key_mask=key_mask)
+                                key_mask=key_mask, gates=gates)
+    if gates is not None:
+        return torch_impl.gated_attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask, gates)
     return torch_impl.attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, key_mask, causal, scale, score, sigmoid_bias, backend):
+def _(q, k, v, key_mask, gates, causal, scale, score, sigmoid_bias, backend):
     # Every implementation returns contiguous tensors.
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
@@ -51,33 +53,39 @@ def _(q, k, v, key_mask, causal, scale, score, sigmoid_bias, backend):
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    key_mask: torch.Tensor | None, causal: bool, scale: float, score: str, sigmoid_bias: float, backend: str,
+    key_mask: torch.Tensor | None, gates: torch.Tensor | None, causal: bool, scale: float, score: str,
+    sigmoid_bias: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of ``attention_fwd``'s output given its upstream gradient ``do``."""
+    """Gradients (dq, dk, dv) of ``attention_fwd``'s (gated) output given its upstream gradient ``do``."""
     if backend == "triton":
         tk = _triton()
         return tk.attention_bwd(do, q, k, v, out, lse, tk.dense_geometry(q, k, causal), scale, score,
-                                sigmoid_bias, key_mask=key_mask)[:3]
+                                sigmoid_bias, key_mask=key_mask, gates=gates)[:3]
+    if gates is not None:
+        return torch_impl.gated_attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask,
+                                              gates)
     return torch_impl.attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask)
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, key_mask, causal, scale, score, sigmoid_bias, backend):
+def _(do, q, k, v, out, lse, key_mask, gates, causal, scale, score, sigmoid_bias, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_mask, *params = inputs
+    q, k, v, key_mask, gates, *params = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_mask)
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, gates)
     ctx.params = params
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, out, lse, key_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do.contiguous(), q, k, v, out, lse, key_mask, *ctx.params)
-    return dq, dk, dv, None, *(None,) * len(ctx.params)
+    q, k, v, out, lse, key_mask, gates = ctx.saved_tensors
+    do = do.contiguous()
+    dq, dk, dv = attention_bwd(do, q, k, v, out, lse, key_mask, gates, *ctx.params)
+    dgates = None if gates is None else gating.gates_grad(do, out, gates)
+    return dq, dk, dv, None, dgates, *(None,) * len(ctx.params)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -123,6 +131,7 @@ def attention(
     score: str = "softmax",
     sigmoid_bias: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Dense multi-head attention on the shared fused kernel.
@@ -138,6 +147,9 @@ def attention(
         sigmoid_bias: additive logit bias for sigmoid scoring, default ``-log(M)``.
         key_padding_mask: (B, M) bool, True marks a padded key that no query sees (``nn.MultiheadAttention``'s
             convention). A query that sees no key at all outputs 0 (SDPA would give NaN).
+        gates: (B, H, N) per-(query, head) output gates (mixture-of-heads): the output is
+            ``gates[..., None] * attention``; a zero gate means "not computed" — its output is 0 and it gets no
+            gradient (see ``attnzoo.kernels.gating``); all-zero query tiles cost nothing on Triton.
         backend: ``None`` (Triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"`` or ``"reference"``.
 
     Returns:
@@ -145,6 +157,7 @@ def attention(
     """
     resolved = _check_inputs(q, k, v, backend)
     key_mask = _check_key_padding_mask(key_padding_mask, k)
+    gating.check_gates(gates, q)
     validate.check_choice("score", score, SCORES)
     if not isinstance(causal, bool):
         raise TypeError(f"causal={causal!r} must be a bool")
@@ -158,7 +171,8 @@ def attention(
         bias = -math.log(k.shape[2]) if sigmoid_bias is None else validate.check_finite("sigmoid_bias", sigmoid_bias)
     q, k, v = _autocast(q, k, v)
     if resolved == "reference":
-        return attention_reference(q, k, v, causal=causal, scale=scale, score=score, sigmoid_bias=bias,
-                                   key_mask=key_mask)
-    out, _ = attention_fwd(q, k, v, key_mask, causal, scale, score, bias, resolved)
+        out = attention_reference(q, k, v, causal=causal, scale=scale, score=score, sigmoid_bias=bias,
+                                  key_mask=key_mask)
+        return out if gates is None else gating.reference_gating(out, gates)
+    out, _ = attention_fwd(q, k, v, key_mask, gates, causal, scale, score, bias, resolved)
     return out

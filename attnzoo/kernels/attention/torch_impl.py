@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from attnzoo.kernels import gating
 from attnzoo.kernels.precision import compute_dtype, lse_dtype
 
 # Scores held at once per chunk (elements); bounds memory to ~64 MB of fp32 scores.
@@ -135,3 +136,42 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key
         dk += (ds.transpose(-1, -2) @ qc).sum(2) * scale
         dqg[:, :, :, a:b] = ((ds @ kc) * scale).to(q.dtype)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, H, n) of t (B, H, N, X) -> (B, H, n, X)."""
+    return t.gather(2, index[..., None].expand(*index.shape, t.shape[-1]))
+
+
+def _scatter_rows(shape, index: torch.Tensor, rows: torch.Tensor, fill: float) -> torch.Tensor:
+    out = torch.full(shape, fill, dtype=rows.dtype, device=rows.device)
+    if rows.ndim == 3:
+        return out.scatter_(2, index, rows)
+    return out.scatter_(2, index[..., None].expand(*index.shape, rows.shape[-1]), rows)
+
+
+def gated_attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask, gates):
+    """``attention_fwd`` with per-(query, head) output gates (B, H, N) (see ``attnzoo.kernels.gating``).
+
+    Without a causal mask only the rows with a non-zero gate are computed when few enough are active (MoH's
+    top-k); a causal mask ties a row to its position, so then every row is computed and gated.
+    """
+    index = None if causal else gating.active_rows(gates)
+    if index is None:
+        out, lse = attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask)
+    else:
+        out_c, lse_c = attention_fwd(_rows(q, index), k, v, False, scale, score, sigmoid_bias, key_mask)
+        out = _scatter_rows((*q.shape[:3], v.shape[-1]), index, out_c, 0.0)
+        lse = _scatter_rows(q.shape[:3], index, lse_c, float("inf"))
+    return gating.gate_output(out, gates), lse
+
+
+def gated_attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask, gates):
+    """(dq, dk, dv) of ``gated_attention_fwd`` from its gated output ``out`` and gradient ``do``."""
+    do, out = gating.ungated(do, out, gates)
+    index = None if causal else gating.active_rows(gates)
+    if index is None:
+        return attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask)
+    dq_c, dk, dv = attention_bwd(_rows(do, index), _rows(q, index), k, v, _rows(out, index), lse.gather(2, index),
+                                 False, scale, score, sigmoid_bias, key_mask)
+    return _scatter_rows(q.shape, index, dq_c, 0.0), dk, dv

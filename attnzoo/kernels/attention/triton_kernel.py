@@ -17,6 +17,8 @@ Extra tokens every query sees are folded into the same softmax after the key til
 Forward saves the log-sum-exp (natural log, fp32) per query; backward recomputes the scores from
 it: one pass for dK/dV per key tile (looping over the GQA group's heads, so no atomics) and one for
 dQ per query tile. ``SCORE`` 1 switches to sigmoid scoring (FlashSigmoid-style, no normalizer).
+``GATED`` multiplies each (query, head) output by a gate in the epilogue (mixture-of-heads); a query tile
+whose gates are all zero visits no key at all, in every pass.
 Launch configuration and the host-side functions live in ``triton_launch``.
 """
 
@@ -366,6 +368,21 @@ def _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, c, cmask, NE, T: tl.constexpr)
 
 
 @triton.jit
+def _tile_gates(GATES, row, qflat, qvalid):
+    """Gates of a query tile's rows (fp32, 0 outside the grid) and whether any is non-zero."""
+    gate = tl.load(GATES + row + qflat, mask=qvalid, other=0.0)
+    return gate, tl.max(tl.abs(gate), 0) > 0
+
+
+@triton.jit
+def _gated_walk(GATES, row, qflat, qvalid, n_tiles, n_extra):
+    """A query tile's gates and its key-tile / extra-token counts: none when all its gates are zero (its rows
+    then come out empty: 0 with lse = +inf)."""
+    gate, active = _tile_gates(GATES, row, qflat, qvalid)
+    return gate, tl.where(active, n_tiles, 0), tl.where(active, n_extra, 0)
+
+
+@triton.jit
 def _value_lanes(DVH, BLOCK_DV: tl.constexpr):
     """Lanes of the value head dim ``DVH`` (padded to BLOCK_DV) and their mask."""
     c = tl.arange(0, BLOCK_DV)
@@ -374,14 +391,14 @@ def _value_lanes(DVH, BLOCK_DV: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, BA, BB, EK, EV, KM,
+    Q, K, V, O, LSE, BA, BB, EK, EV, KM, GATES,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sekb, sekh, sekn, sevb, sevh, sevn,
     H, G, D, DVH, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale_log2, sig_bias_log2,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    KMASK: tl.constexpr,
+    KMASK: tl.constexpr, GATED: tl.constexpr,
 ):
     """One program per (query tile, batch x head): online softmax over the visible key tiles, then the
     ``NE`` extra tokens every query sees."""
@@ -398,7 +415,11 @@ def _attn_fwd(
     acc = tl.zeros([QT0 * QT1 * QT2, BLOCK_DV], tl.float32)
     f0, f1, f2, n0, n1, n2 = _kv_tiles(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
                                        ST0, ST1, ST2, QT0, QT1, QT2, KT0, KT1, KT2, MODE, CAUSAL)
-    for t in range(0, n0 * n1 * n2):
+    n_tiles = n0 * n1 * n2
+    n_extra = NE
+    if GATED:
+        gate, n_tiles, n_extra = _gated_walk(GATES, row0, qflat, qvalid, n_tiles, n_extra)
+    for t in range(0, n_tiles):
         kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, KM, skn, svn, d, dmask, c,
                                                        cmask, KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL,
                                                        KMASK)
@@ -410,7 +431,7 @@ def _attn_fwd(
 
     EK += b * sekb + hk * sekh
     EV += b * sevb + hk * sevh
-    for e0 in range(0, NE, KT0 * KT1 * KT2):
+    for e0 in range(0, n_extra, KT0 * KT1 * KT2):
         evalid, k, v = _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, c, cmask, NE, KT0 * KT1 * KT2)
         s = _scores(q, k, qvalid[:, None] & evalid[None, :], 0.0, scale_log2, sig_bias_log2, SCORE, PRECISION)
         m, l, acc = _softmax_step(m, l, acc, s, v, SCORE, PRECISION)
@@ -423,6 +444,8 @@ def _attn_fwd(
         lse = tl.where(empty, float("inf"), (m + tl.log2(l_safe)) * LN2)
     else:
         lse = tl.zeros([QT0 * QT1 * QT2], tl.float32)  # sigmoid scoring has no normalizer
+    if GATED:
+        acc = acc * gate[:, None]
     tl.store(LSE + bh.to(tl.int64) * (QS0 * QS1 * QS2) + qflat, lse, mask=qvalid)
     tl.store(O + b * sob + h * soh + qflat[:, None] * son + c[None, :], acc.to(O.dtype.element_ty),
              mask=qvalid[:, None] & cmask[None, :])
@@ -444,18 +467,41 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, BA, BB, h, row, gate, sqn, sdon,
+               qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, d, dmask, c, cmask,
+               KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2, scale_log2, sig_bias_log2,
+               MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr,
+               BIAS: tl.constexpr, GATED: tl.constexpr):
+    """Fold one query tile into a key tile's (dK, dV) accumulators."""
+    q = tl.load(Qh + qflat[:, None] * sqn + d[None, :], mask=qvalid[:, None] & dmask[None, :], other=0.0)
+    do = tl.load(DOh + qflat[:, None] * sdon + c[None, :], mask=qvalid[:, None] & cmask[None, :], other=0.0)
+    if GATED:  # gradient of the ungated output
+        do = (do * gate[:, None]).to(q.dtype)
+    lse2 = tl.load(LSE + row + qflat, mask=qvalid, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
+    vis, bias, _, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h,
+                                  row, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                  MODE, CAUSAL, BIAS)
+    p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias_log2, SCORE, PRECISION)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BA, BB, KM,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BA, BB, KM, GATES,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     H, G, D, DVH, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale, scale_log2, sig_bias_log2,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    KMASK: tl.constexpr,
+    KMASK: tl.constexpr, GATED: tl.constexpr,
 ):
     """One program per (key tile, batch x kv head): accumulates dK, dV over the queries that see the tile
-    (the inverse neighborhood), for every query head of the GQA group — no atomics. ``DVH``: value head dim."""
+    (the inverse neighborhood), for every query head of the GQA group — no atomics. ``DVH``: value head dim.
+    With ``GATED``, ``DO`` is the gradient of the gated output and query tiles whose gates are all zero are skipped."""
     bhk = tl.program_id(1)
     HK = H // G
     b = (bhk // HK).to(tl.int64)
@@ -487,17 +533,18 @@ def _attn_bwd_dkdv(
             qc0, qc1, qc2, qflat, qvalid = _tile(
                 (f0 + t // (n1 * n2)) * QT0, (f1 + (t // n2) % n1) * QT1, (f2 + t % n2) * QT2,
                 QS0, QS1, QS2, QT0, QT1, QT2)
-            q = tl.load(Qh + qflat[:, None] * sqn + d[None, :], mask=qvalid[:, None] & dmask[None, :], other=0.0)
-            do = tl.load(DOh + qflat[:, None] * sdon + c[None, :], mask=qvalid[:, None] & cmask[None, :], other=0.0)
-            lse2 = tl.load(LSE + row + qflat, mask=qvalid, other=0.0) * LOG2E
-            delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
-            vis, bias, _, _ = _pair_terms(qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, BA, BB, h,
-                                          row, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
-                                          MODE, CAUSAL, BIAS)
-            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, vis, bias, scale_log2, sig_bias_log2,
-                                       SCORE, PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            if GATED:
+                gate, active = _tile_gates(GATES, row, qflat, qvalid)
+                if active:
+                    dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, BA, BB, h, row, gate, sqn, sdon,
+                                        qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, d, dmask, c, cmask,
+                                        KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                        scale_log2, sig_bias_log2, MODE, CAUSAL, SCORE, PRECISION, BIAS, GATED)
+            else:
+                dk, dv = _dkdv_step(dk, dv, k, v, Qh, DOh, LSE, DELTA, BA, BB, h, row, 1.0, sqn, sdon,
+                                    qc0, qc1, qc2, qflat, qvalid, kc0, kc1, kc2, kflat, kvalid, d, dmask, c, cmask,
+                                    KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
+                                    scale_log2, sig_bias_log2, MODE, CAUSAL, SCORE, PRECISION, BIAS, GATED)
 
     # dK/dV are laid out like k/v (the unpadded map); padded halo keys have no gradient to store.
     n_keys = KS0 * KS1 * KS2
@@ -511,14 +558,14 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, BA, BB, DBA, DBB, EK, EV, KM,
+    Q, K, V, DO, LSE, DELTA, DQ, BA, BB, DBA, DBB, EK, EV, KM, GATES,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sekb, sekh, sekn, sevb, sevh, sevn,
     H, G, D, DVH, NE, QS0, QS1, QS2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2, ST0, ST1, ST2,
     scale, scale_log2, sig_bias_log2,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr, PRECISION: tl.constexpr, BIAS: tl.constexpr,
     QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    KMASK: tl.constexpr,
+    KMASK: tl.constexpr, GATED: tl.constexpr,
 ):
     """One program per (query tile, batch x head): the forward's key walk (neighborhood then extra tokens),
     accumulating dQ; the bias gradient is scattered into the fp32 table with atomics."""
@@ -529,6 +576,7 @@ def _attn_bwd_dq(
                  other=0.0)
     KM += b * (KS0 * KS1 * KS2)
     row = bh.to(tl.int64) * (QS0 * QS1 * QS2)
+    n_extra = NE
     lse2 = tl.load(LSE + row + qflat, mask=qvalid, other=0.0) * LOG2E
     delta = tl.load(DELTA + row + qflat, mask=qvalid, other=0.0)
     K += b * skb + hk * skh
@@ -537,7 +585,11 @@ def _attn_bwd_dq(
 
     f0, f1, f2, n0, n1, n2 = _kv_tiles(o0, o1, o2, KS0, KS1, KS2, NK0, NK1, NK2, DL0, DL1, DL2,
                                        ST0, ST1, ST2, QT0, QT1, QT2, KT0, KT1, KT2, MODE, CAUSAL)
-    for t in range(0, n0 * n1 * n2):
+    n_tiles = n0 * n1 * n2
+    if GATED:  # DO is the gradient of the gated output
+        gate, n_tiles, n_extra = _gated_walk(GATES, row, qflat, qvalid, n_tiles, n_extra)
+        do = (do * gate[:, None]).to(q.dtype)
+    for t in range(0, n_tiles):
         kc0, kc1, kc2, kflat, kvalid, k, v = _key_tile(t, f0, f1, f2, n1, n2, K, V, KM, skn, svn, d, dmask, c,
                                                        cmask, KS0, KS1, KS2, DL1, DL2, KT0, KT1, KT2, MODE, CAUSAL,
                                                        KMASK)
@@ -555,7 +607,7 @@ def _attn_bwd_dq(
 
     EK += b * sekb + hk * sekh
     EV += b * sevb + hk * sevh
-    for e0 in range(0, NE, KT0 * KT1 * KT2):
+    for e0 in range(0, n_extra, KT0 * KT1 * KT2):
         evalid, k, v = _extra_tile(e0, EK, EV, sekn, sevn, d, dmask, c, cmask, NE, KT0 * KT1 * KT2)
         _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, qvalid[:, None] & evalid[None, :], 0.0,
                                    scale_log2, sig_bias_log2, SCORE, PRECISION)

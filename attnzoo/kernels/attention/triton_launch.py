@@ -121,7 +121,7 @@ def _block(dim: int) -> int:
 
 
 def _constexprs(q: torch.Tensor, geo: Geometry, score: str, bias_kind: int, pass_: str, v_dim: int | None = None,
-                key_mask: bool = False) -> dict:
+                key_mask: bool = False, gated: bool = False) -> dict:
     """Kernel constexprs and launch options; ``v_dim``: value head dim (default q's)."""
     v_dim = q.shape[-1] if v_dim is None else v_dim
     cfg = _launch_config(pass_, max(q.shape[-1], v_dim), q.dtype)
@@ -130,7 +130,7 @@ def _constexprs(q: torch.Tensor, geo: Geometry, score: str, bias_kind: int, pass
         MODE=geo.mode, CAUSAL=geo.causal, SCORE=SCORES[score], BIAS=bias_kind,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         QT0=qt[0], QT1=qt[1], QT2=qt[2], KT0=kt[0], KT1=kt[1], KT2=kt[2],
-        BLOCK_D=_block(q.shape[-1]), BLOCK_DV=_block(v_dim), KMASK=key_mask,
+        BLOCK_D=_block(q.shape[-1]), BLOCK_DV=_block(v_dim), KMASK=key_mask, GATED=gated,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -168,6 +168,13 @@ def _key_mask_arg(q: torch.Tensor, key_mask: torch.Tensor | None):
     return key_mask.contiguous().view(torch.uint8), True
 
 
+def _gates_arg(q: torch.Tensor, gates: torch.Tensor | None):
+    """(pointer, flag): the (B, H, *grid) gates as contiguous fp32, or q as an unread placeholder."""
+    if gates is None:
+        return q, False
+    return gates.to(torch.float32).contiguous(), True
+
+
 def _bias_args(q: torch.Tensor, bias: Bias | None):
     if bias is None:
         return BIAS_NONE.value, q, q
@@ -175,12 +182,13 @@ def _bias_args(q: torch.Tensor, bias: Bias | None):
 
 
 def attention_fwd(q, k, v, geo: Geometry, scale, score, sigmoid_bias, bias: Bias | None = None, extra_k=None,
-                  extra_v=None, key_mask=None):
+                  extra_v=None, key_mask=None, gates=None):
     """q: (B, H, *grid, D), k: (B, H_kv, *grid_kv, D), v: (B, H_kv, *grid_kv, Dv) -> out (B, H, *grid, Dv),
     lse (B, H, *grid) fp32 (natural log).
 
     extra_k/v: (B, H_kv, E, D / Dv) tokens all queries see, in the same softmax. key_mask: (B, M) bool,
-    True = the key is seen (dense mode).
+    True = the key is seen (dense mode). gates: (B, H, *grid) per-(query, head) output gates; query tiles
+    whose gates are all zero are skipped (out 0, lse +inf).
     """
     B, H = q.shape[:2]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
@@ -190,10 +198,11 @@ def attention_fwd(q, k, v, geo: Geometry, scale, score, sigmoid_bias, bias: Bias
     lse = torch.empty(qf.shape[:3], device=q.device, dtype=torch.float32)
     kind, ba, bb = _bias_args(q, bias)
     km, has_km = _key_mask_arg(q, key_mask)
-    consts = _constexprs(q, geo, score, kind, "fwd", dv, has_km)
+    gf, gated = _gates_arg(q, gates)
+    consts = _constexprs(q, geo, score, kind, "fwd", dv, has_km, gated)
     grid = (_tiles(geo.q_grid, (consts["QT0"], consts["QT1"], consts["QT2"])), B * H)
     _attn_fwd[grid](
-        qf, kf, vf, out, lse, ba, bb, ek, ev, km, *_strides(qf, kf, vf, out, ek, ev),
+        qf, kf, vf, out, lse, ba, bb, ek, ev, km, gf, *_strides(qf, kf, vf, out, ek, ev),
         H, H // k.shape[1], q.shape[-1], dv, n_extra, *geo.scalars(), scale * _LOG2E, sigmoid_bias * _LOG2E,
         **consts,
     )
@@ -201,10 +210,11 @@ def attention_fwd(q, k, v, geo: Geometry, scale, score, sigmoid_bias, bias: Bias
 
 
 def attention_bwd(do, q, k, v, out, lse, geo: Geometry, scale, score, sigmoid_bias, bias: Bias | None = None,
-                  extra_k=None, extra_v=None, key_mask=None):
+                  extra_k=None, extra_v=None, key_mask=None, gates=None):
     """Gradients (dq, dk, dv, (dbias_a, dbias_b) | None, dextra_k, dextra_v) from the saved ``lse``.
 
-    Bias gradients are fp32 and shaped like the bias tensors; None marks absent inputs.
+    Bias gradients are fp32 and shaped like the bias tensors; None marks absent inputs. With ``gates``, ``out``
+    and ``do`` are the gated output and its gradient (the gates' own gradient is the caller's).
     """
     B, H = q.shape[:2]
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
@@ -222,11 +232,12 @@ def attention_bwd(do, q, k, v, out, lse, geo: Geometry, scale, score, sigmoid_bi
     common = (H, H // k.shape[1], q.shape[-1], v.shape[-1])
     scalars = (scale, scale * _LOG2E, sigmoid_bias * _LOG2E)
     km, has_km = _key_mask_arg(q, key_mask)
+    gf, gated = _gates_arg(q, gates)
 
     def dkdv(kf_, vf_, dk_, dv_, geo_, kind_, masked):
-        consts = _constexprs(q, geo_, score, kind_, "dkdv", v.shape[-1], masked)
+        consts = _constexprs(q, geo_, score, kind_, "dkdv", v.shape[-1], masked, gated)
         grid = (_tiles(geo_.kv_grid, (consts["KT0"], consts["KT1"], consts["KT2"])), B * k.shape[1])
-        _attn_bwd_dkdv[grid](qf, kf_, vf_, dof, lse, delta, dk_, dv_, ba, bb, km, *_strides(qf, kf_, vf_, dof),
+        _attn_bwd_dkdv[grid](qf, kf_, vf_, dof, lse, delta, dk_, dv_, ba, bb, km, gf, *_strides(qf, kf_, vf_, dof),
                              *common, *geo_.scalars(), *scalars, **consts)
 
     dkdv(kf, vf, dk, dv, geo, kind, has_km)
@@ -237,9 +248,9 @@ def attention_bwd(do, q, k, v, out, lse, geo: Geometry, scale, score, sigmoid_bi
         dense = geo._replace(kv_grid=(1, 1, n_extra), mode=MODE_DENSE.value, causal=0)
         dkdv(ek, ev, dek, dev, dense, BIAS_NONE.value, False)
         dek, dev = dek.view(extra_k.shape), dev.view(extra_v.shape)
-    consts = _constexprs(q, geo, score, kind, "dq", v.shape[-1], has_km)
+    consts = _constexprs(q, geo, score, kind, "dq", v.shape[-1], has_km, gated)
     grid = (_tiles(geo.q_grid, (consts["QT0"], consts["QT1"], consts["QT2"])), B * H)
-    _attn_bwd_dq[grid](qf, kf, vf, dof, lse, delta, dq, ba, bb, dba, dbb, ek, ev, km,
+    _attn_bwd_dq[grid](qf, kf, vf, dof, lse, delta, dq, ba, bb, dba, dbb, ek, ev, km, gf,
                        *_strides(qf, kf, vf, dof, ek, ev), *common, n_extra, *geo.scalars(), *scalars, **consts)
     dbias = None if bias is None else (dba, dbb)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dbias, dek, dev

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.kernels import validate
+from attnzoo.kernels import gating, validate
 from attnzoo.kernels.backend import resolve_backend
 from attnzoo.kernels.halo.reference import halo_reference
 from attnzoo.kernels.precision import lse_dtype
@@ -41,33 +41,34 @@ def _rel_tables(tk, q, rel_h, rel_w):
 @torch.library.custom_op("attnzoo::halo_fwd", mutates_args=())
 def halo_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor | None, rel_w: torch.Tensor | None,
-    block_size: int, halo_size: int, pad_mode: str, scale: float, backend: str,
+    gates: torch.Tensor | None, block_size: int, halo_size: int, pad_mode: str, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (B, H, Xq, Yq, D), k: (B, H_kv, X, Y, D), v: (..., Dv) -> (out (B, H, Xq, Yq, Dv), lse (B, H, Xq, Yq))."""
     if backend == "triton":
         tk = _triton()
         geo = tk.halo_geometry(q, k, block_size, halo_size, pad_mode == "zeros")
-        return tk.attention_fwd(q, k, v, geo, scale, "softmax", 0.0, _rel_tables(tk, q, rel_h, rel_w))
-    return _torch_impl().halo_fwd(q, k, v, block_size, halo_size, pad_mode, rel_h, rel_w, scale)
+        return tk.attention_fwd(q, k, v, geo, scale, "softmax", 0.0, _rel_tables(tk, q, rel_h, rel_w), gates=gates)
+    return gating.torch_path_fwd(_torch_impl().halo_fwd, gates, q, k, v, block_size, halo_size, pad_mode, rel_h,
+                                 rel_w, scale)
 
 
 @halo_fwd.register_fake
-def _(q, k, v, rel_h, rel_w, block_size, halo_size, pad_mode, scale, backend):
+def _(q, k, v, rel_h, rel_w, gates, block_size, halo_size, pad_mode, scale, backend):
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnzoo::halo_bwd", mutates_args=())
 def halo_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    rel_h: torch.Tensor | None, rel_w: torch.Tensor | None, block_size: int, halo_size: int, pad_mode: str,
-    scale: float, backend: str,
+    rel_h: torch.Tensor | None, rel_w: torch.Tensor | None, gates: torch.Tensor | None, block_size: int,
+    halo_size: int, pad_mode: str, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, drel_h, drel_w); the rel gradients are empty tensors when the tables are absent."""
     if backend == "triton":
         tk = _triton()
         geo = tk.halo_geometry(q, k, block_size, halo_size, pad_mode == "zeros")
         dq, dk, dv, dtables, _, _ = tk.attention_bwd(do, q, k, v, out, lse, geo, scale, "softmax", 0.0,
-                                                     _rel_tables(tk, q, rel_h, rel_w))
+                                                     _rel_tables(tk, q, rel_h, rel_w), gates=gates)
         if dtables is None:
             return dq, dk, dv, q.new_empty(0), q.new_empty(0)
         dth, dtw = dtables
@@ -76,12 +77,13 @@ def halo_bwd(
         drel_h = torch.einsum("bhnr,bhnd->rd", dth, qf).to(rel_h.dtype)
         drel_w = torch.einsum("bhnr,bhnd->rd", dtw, qf).to(rel_w.dtype)
         return dq, dk, dv, drel_h, drel_w
-    grads = _torch_impl().halo_bwd(do, q, k, v, out, lse, block_size, halo_size, pad_mode, rel_h, rel_w, scale)
+    grads = gating.torch_path_bwd(_torch_impl().halo_bwd, gates, do, q, k, v, out, lse, block_size, halo_size,
+                                  pad_mode, rel_h, rel_w, scale)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @halo_bwd.register_fake
-def _(do, q, k, v, out, lse, rel_h, rel_w, block_size, halo_size, pad_mode, scale, backend):
+def _(do, q, k, v, out, lse, rel_h, rel_w, gates, block_size, halo_size, pad_mode, scale, backend):
     def like(t):
         return q.new_empty(0) if t is None else t.new_empty(t.shape)
 
@@ -89,18 +91,21 @@ def _(do, q, k, v, out, lse, rel_h, rel_w, block_size, halo_size, pad_mode, scal
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rel_h, rel_w, *params = inputs
+    q, k, v, rel_h, rel_w, gates, *params = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w)
+    ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, gates)
     ctx.params = params
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, out, lse, rel_h, rel_w = ctx.saved_tensors
-    grads = halo_bwd(do.contiguous(), q, k, v, out, lse, rel_h, rel_w, *ctx.params)
+    q, k, v, out, lse, rel_h, rel_w, gates = ctx.saved_tensors
+    do = do.contiguous()
+    grads = halo_bwd(do, q, k, v, out, lse, rel_h, rel_w, gates, *ctx.params)
     present = (q, k, v, rel_h, rel_w)
-    return *(g if t is not None else None for g, t in zip(grads, present, strict=True)), *(None,) * len(ctx.params)
+    grads = tuple(g if t is not None else None for g, t in zip(grads, present, strict=True))
+    dgates = None if gates is None else gating.gates_grad(do, out, gates)
+    return *grads, dgates, *(None,) * len(ctx.params)
 
 
 halo_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -135,7 +140,8 @@ def _check_rel(q, rel_h, rel_w, win: int) -> None:
     validate.check_same("device", (("q", q), ("rel_h", rel_h), ("rel_w", rel_w)))
 
 
-def halo2d(q, k, v, block_size, halo_size, pad_mode="zeros", rel_h=None, rel_w=None, scale=None, backend=None):
+def halo2d(q, k, v, block_size, halo_size, pad_mode="zeros", rel_h=None, rel_w=None, scale=None, backend=None, *,
+           gates=None):
     """Halo attention (timm ``HaloAttn`` semantics, design §2.4).
 
     Args:
@@ -148,19 +154,22 @@ def halo2d(q, k, v, block_size, halo_size, pad_mode="zeros", rel_h=None, rel_w=N
             ``q·rel_h[jx - ix + win - 1] + q·rel_w[jy - iy + win - 1]`` (window position j, in-block position i).
         scale: q·k scale (default 1/sqrt(D)); the relative logits are not scaled, as in timm.
         backend: None (Triton on CUDA, torch elsewhere), "triton", "torch" or "reference".
+        gates: optional (B, H, Xq, Yq) per-(query, head) output gates (mixture-of-heads, ``attnzoo.kernels.gating``).
 
     Returns:
-        (B, H, Xq, Yq, D).
+        (B, H, Xq, Yq, Dv).
     """
     validate.check_qkv(q, k, v, spatial=2, same_grid=False)
     _check_geometry(q, k, block_size, halo_size)
     validate.check_choice("pad_mode", pad_mode, PAD_MODES)
     _check_rel(q, rel_h, rel_w, block_size + 2 * halo_size)
+    gating.check_gates(gates, q)
     scale = validate.check_scale(scale, q.shape[-1])
     resolved = resolve_backend(backend, q.device)
     if resolved == "triton":
         validate.check_triton_inputs(q)
     if resolved == "reference":
-        return halo_reference(q, k, v, block_size, halo_size, pad_mode, rel_h, rel_w, scale)
-    out, _ = halo_fwd(q, k, v, rel_h, rel_w, block_size, halo_size, pad_mode, scale, resolved)
+        out = halo_reference(q, k, v, block_size, halo_size, pad_mode, rel_h, rel_w, scale)
+        return out if gates is None else gating.reference_gating(out, gates)
+    out, _ = halo_fwd(q, k, v, rel_h, rel_w, gates, block_size, halo_size, pad_mode, scale, resolved)
     return out

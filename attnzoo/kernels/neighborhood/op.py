@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.kernels import validate
+from attnzoo.kernels import gating, validate
 from attnzoo.kernels.backend import resolve_backend
 from attnzoo.kernels.neighborhood import semantics
 from attnzoo.kernels.neighborhood.reference import na_reference
@@ -37,43 +37,44 @@ def _table(tk, rpb):
 @torch.library.custom_op("attnzoo::na_fwd", mutates_args=())
 def na_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None, extra_k: torch.Tensor | None,
-    extra_v: torch.Tensor | None, kernel_size: list[int], dilation: list[int], stride: list[int],
-    causal: list[bool], scale: float, backend: str,
+    extra_v: torch.Tensor | None, gates: torch.Tensor | None, kernel_size: list[int], dilation: list[int],
+    stride: list[int], causal: list[bool], scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (B, H, *grid, D), k: (B, H_kv, *grid, D), v: (..., Dv) -> (out (B, H, *grid, Dv), lse (B, H, *grid))."""
     if backend == "triton":
         tk = _triton()
         geo = tk.neighborhood_geometry(q, kernel_size, dilation, stride, causal)
-        return tk.attention_fwd(q, k, v, geo, scale, "softmax", 0.0, _table(tk, rpb), extra_k, extra_v)
-    return _torch_impl().na_fwd(q, k, v, kernel_size, dilation, stride, causal, scale, rpb, extra_k, extra_v)
+        return tk.attention_fwd(q, k, v, geo, scale, "softmax", 0.0, _table(tk, rpb), extra_k, extra_v, gates=gates)
+    return gating.torch_path_fwd(_torch_impl().na_fwd, gates, q, k, v, kernel_size, dilation, stride, causal, scale,
+                                 rpb, extra_k, extra_v)
 
 
 @na_fwd.register_fake
-def _(q, k, v, rpb, extra_k, extra_v, kernel_size, dilation, stride, causal, scale, backend):
+def _(q, k, v, rpb, extra_k, extra_v, gates, kernel_size, dilation, stride, causal, scale, backend):
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnzoo::na_bwd", mutates_args=())
 def na_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    rpb: torch.Tensor | None, extra_k: torch.Tensor | None, extra_v: torch.Tensor | None, kernel_size: list[int],
-    dilation: list[int], stride: list[int], causal: list[bool], scale: float, backend: str,
+    rpb: torch.Tensor | None, extra_k: torch.Tensor | None, extra_v: torch.Tensor | None, gates: torch.Tensor | None,
+    kernel_size: list[int], dilation: list[int], stride: list[int], causal: list[bool], scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, drpb, dextra_k, dextra_v); an absent input's gradient is an empty tensor."""
     if backend == "triton":
         tk = _triton()
         geo = tk.neighborhood_geometry(q, kernel_size, dilation, stride, causal)
         dq, dk, dv, dbias, dek, dev = tk.attention_bwd(do, q, k, v, out, lse, geo, scale, "softmax", 0.0,
-                                                       _table(tk, rpb), extra_k, extra_v)
+                                                       _table(tk, rpb), extra_k, extra_v, gates=gates)
         grads = (dq, dk, dv, None if dbias is None else dbias[0].to(rpb.dtype), dek, dev)
     else:
-        grads = _torch_impl().na_bwd(do, q, k, v, out, lse, kernel_size, dilation, stride, causal, scale, rpb,
-                                     extra_k, extra_v)
+        grads = gating.torch_path_bwd(_torch_impl().na_bwd, gates, do, q, k, v, out, lse, kernel_size, dilation,
+                                      stride, causal, scale, rpb, extra_k, extra_v)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @na_bwd.register_fake
-def _(do, q, k, v, out, lse, rpb, extra_k, extra_v, kernel_size, dilation, stride, causal, scale, backend):
+def _(do, q, k, v, out, lse, rpb, extra_k, extra_v, gates, kernel_size, dilation, stride, causal, scale, backend):
     def like(t):
         return q.new_empty(0) if t is None else t.new_empty(t.shape)
 
@@ -81,18 +82,21 @@ def _(do, q, k, v, out, lse, rpb, extra_k, extra_v, kernel_size, dilation, strid
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rpb, extra_k, extra_v, *params = inputs
+    q, k, v, rpb, extra_k, extra_v, gates, *params = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, rpb, extra_k, extra_v)
+    ctx.save_for_backward(q, k, v, out, lse, rpb, extra_k, extra_v, gates)
     ctx.params = params
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, out, lse, rpb, extra_k, extra_v = ctx.saved_tensors
-    grads = na_bwd(do.contiguous(), q, k, v, out, lse, rpb, extra_k, extra_v, *ctx.params)
+    q, k, v, out, lse, rpb, extra_k, extra_v, gates = ctx.saved_tensors
+    do = do.contiguous()
+    grads = na_bwd(do, q, k, v, out, lse, rpb, extra_k, extra_v, gates, *ctx.params)
     present = (q, k, v, rpb, extra_k, extra_v)
-    return *(g if t is not None else None for g, t in zip(grads, present, strict=True)), *(None,) * len(ctx.params)
+    grads = tuple(g if t is not None else None for g, t in zip(grads, present, strict=True))
+    dgates = None if gates is None else gating.gates_grad(do, out, gates)
+    return *grads, dgates, *(None,) * len(ctx.params)
 
 
 na_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -135,7 +139,7 @@ def _check_extras(q, k, v, rpb, extra_k, extra_v, kernel_size, stride) -> None:
 
 
 def neighborhood_attention(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, rpb=None, extra_k=None,
-                           extra_v=None, scale=None, backend=None, *, spatial: int):
+                           extra_v=None, scale=None, backend=None, *, spatial: int, gates=None):
     """Shared body of ``na1d/na2d/na3d`` for ``spatial`` grid axes (see ``na2d``)."""
     validate.check_qkv(q, k, v, spatial=spatial, same_grid=True)
     grid = tuple(q.shape[2:-1])
@@ -145,26 +149,28 @@ def neighborhood_attention(q, k, v, kernel_size, dilation=1, stride=1, is_causal
     causal = validate.per_axis("is_causal", is_causal, spatial, bool)
     _check_geometry(grid, kernel_size, dilation, stride)
     _check_extras(q, k, v, rpb, extra_k, extra_v, kernel_size, stride)
+    gating.check_gates(gates, q)
     scale = validate.check_scale(scale, q.shape[-1])
     resolved = resolve_backend(backend, q.device)
     if resolved == "triton":
         validate.check_triton_inputs(q)
     if resolved == "reference":
-        return na_reference(q, k, v, kernel_size, dilation, stride, causal, rpb, extra_k, extra_v, scale)
-    out, _ = na_fwd(q, k, v, rpb, extra_k, extra_v, list(kernel_size), list(dilation), list(stride), list(causal),
-                    scale, resolved)
+        out = na_reference(q, k, v, kernel_size, dilation, stride, causal, rpb, extra_k, extra_v, scale)
+        return out if gates is None else gating.reference_gating(out, gates)
+    out, _ = na_fwd(q, k, v, rpb, extra_k, extra_v, gates, list(kernel_size), list(dilation), list(stride),
+                    list(causal), scale, resolved)
     return out
 
 
 def na1d(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, rpb=None, extra_k=None, extra_v=None,
-         scale=None, backend=None):
+         scale=None, backend=None, *, gates=None):
     """1-D neighborhood attention; q: (B, H, L, D), k/v: (B, H_kv, L, D). See ``na2d``."""
     return neighborhood_attention(q, k, v, kernel_size, dilation, stride, is_causal, rpb, extra_k, extra_v, scale,
-                                  backend, spatial=1)
+                                  backend, spatial=1, gates=gates)
 
 
 def na2d(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, rpb=None, extra_k=None, extra_v=None,
-         scale=None, backend=None):
+         scale=None, backend=None, *, gates=None):
     """2-D neighborhood attention with NATTEN's semantics (design §2.3).
 
     Args:
@@ -176,19 +182,20 @@ def na2d(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, rpb=None, 
         extra_k, extra_v: optional (B, H_kv, E, D) tokens that every query also sees, in the same softmax.
         scale: logit scale, default 1/sqrt(D).
         backend: None (Triton on CUDA, torch elsewhere), "triton", "torch" or "reference".
+        gates: optional (B, H, X, Y) per-(query, head) output gates (mixture-of-heads, ``attnzoo.kernels.gating``).
 
     Returns:
-        (B, H, X, Y, D).
+        (B, H, X, Y, Dv).
     """
     return neighborhood_attention(q, k, v, kernel_size, dilation, stride, is_causal, rpb, extra_k, extra_v, scale,
-                                  backend, spatial=2)
+                                  backend, spatial=2, gates=gates)
 
 
 def na3d(q, k, v, kernel_size, dilation=1, stride=1, is_causal=False, rpb=None, extra_k=None, extra_v=None,
-         scale=None, backend=None):
+         scale=None, backend=None, *, gates=None):
     """3-D neighborhood attention; q: (B, H, X, Y, Z, D), k/v: (B, H_kv, X, Y, Z, D). See ``na2d``."""
     return neighborhood_attention(q, k, v, kernel_size, dilation, stride, is_causal, rpb, extra_k, extra_v, scale,
-                                  backend, spatial=3)
+                                  backend, spatial=3, gates=gates)
 
 
 __all__ = ["na1d", "na2d", "na3d", "semantics"]

@@ -1,0 +1,110 @@
+"""Mixture-of-heads (MoH, Jin et al. 2024, arXiv:2410.11842): per-token head gates for any softmax-family block.
+
+A block built with ``moh=dict(shared_heads=..., top_k=...)`` owns a ``MoHRouter`` (``router``) and passes its
+gates to the attention op, which multiplies each (query, head) output by its gate in the kernel epilogue and
+skips query tiles whose gates are all zero (``attnzoo.kernels.gating``). Routing follows the reference code
+(SkyworkAI/MoH ``MoHAttention``), with its parameter names:
+
+* routed heads (the last ``H - shared_heads``): ``softmax(wg x)``, top-k, renormalised over the chosen heads,
+  times ``top_k``;
+* shared heads (the first ``shared_heads``, always on): ``softmax(wg_1 x) * shared_heads`` (ones for a single
+  shared head);
+* two-stage weighting: ``softmax(wg_0 x) * 2`` scales shared vs routed gates (when both kinds exist);
+* Switch-style load-balance loss over the routed heads, ``E² · mean(me · ce)`` (E routed heads, ``me`` the
+  mean routing probability, ``ce`` the fraction of tokens that chose each head), times ``load_balance_weight``;
+  recorded on every training forward in ``router.aux_loss`` and summed over a model by ``auxiliary_loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MOH_OPTIONS = ("shared_heads", "top_k", "load_balance_weight")
+
+
+class MoHRouter(nn.Module):
+    """Head gates for tokens x (B, *S, C) -> (B, H, *S), heads-first like the ops' ``gates``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        shared_heads: int,
+        top_k: int,
+        load_balance_weight: float = 0.01,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        routed = num_heads - shared_heads
+        if not 0 <= shared_heads <= num_heads:
+            raise ValueError(f"shared_heads={shared_heads} must be in [0, num_heads={num_heads}]")
+        low = 1 if routed else 0
+        if not low <= top_k <= routed:
+            raise ValueError(f"top_k={top_k} must be in [{low}, {routed}]: the routed heads are num_heads={num_heads} "
+                             f"- shared_heads={shared_heads}")
+        if load_balance_weight < 0:
+            raise ValueError(f"load_balance_weight={load_balance_weight} must be >= 0")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads, self.shared_heads, self.top_k = num_heads, shared_heads, top_k
+        self.load_balance_weight = load_balance_weight
+        self.wg = nn.Linear(dim, routed, bias=False, **dd) if routed else None
+        self.wg_1 = nn.Linear(dim, shared_heads, bias=False, **dd) if shared_heads > 1 else None
+        self.wg_0 = nn.Linear(dim, 2, bias=False, **dd) if shared_heads and routed else None
+        self.aux_loss: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        parts = []
+        if self.shared_heads:
+            shared = tokens.new_ones(tokens.shape[0], 1) if self.wg_1 is None else (
+                F.softmax(self.wg_1(tokens), dim=-1, dtype=torch.float32) * self.shared_heads)
+            parts.append(shared.expand(-1, self.shared_heads))
+        if self.wg is not None:
+            parts.append(self._routed(tokens))
+        if self.wg_0 is not None:
+            stage = F.softmax(self.wg_0(tokens), dim=-1, dtype=torch.float32) * 2
+            parts = [parts[0] * stage[:, :1], parts[1] * stage[:, 1:]]
+        gates = torch.cat(parts, dim=-1).to(x.dtype)  # (B·N, H)
+        return gates.view(*x.shape[:-1], self.num_heads).movedim(-1, 1)
+
+    def _routed(self, tokens: Tensor) -> Tensor:
+        """Top-k gates over the routed heads (B·N, E); records the load-balance loss when training."""
+        probs = F.softmax(self.wg(tokens), dim=-1, dtype=torch.float32)
+        # A stable sort breaks ties towards the lower head index on every device (topk's tie order is unspecified).
+        top, chosen = (t[..., :self.top_k] for t in probs.sort(dim=-1, descending=True, stable=True))
+        mask = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
+        gates = torch.zeros_like(probs).scatter_(-1, chosen, top / top.sum(-1, keepdim=True)) * self.top_k
+        if self.training:
+            experts = probs.shape[-1]
+            self.aux_loss = self.load_balance_weight * experts**2 * (probs.mean(0) * mask.mean(0)).mean()
+        return gates
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, shared_heads={self.shared_heads}, top_k={self.top_k}, "
+                f"load_balance_weight={self.load_balance_weight}")
+
+
+def make_router(moh: dict | None, dim: int, num_heads: int, dd: dict) -> MoHRouter | None:
+    """The ``router`` of a block built with ``moh=dict(shared_heads=..., top_k=..., [load_balance_weight=...])``."""
+    if moh is None:
+        return None
+    unknown = set(moh) - set(MOH_OPTIONS)
+    if unknown or "shared_heads" not in moh or "top_k" not in moh:
+        raise ValueError(f"moh={moh!r} must be a dict with keys shared_heads, top_k and optionally "
+                         f"load_balance_weight")
+    return MoHRouter(dim, num_heads, **moh, **dd)
+
+
+def auxiliary_loss(model: nn.Module) -> Tensor | None:
+    """Sum of the load-balance losses the model's routers recorded on their last training forward, cleared
+    so that a loss is counted once; None when no router recorded one."""
+    losses = []
+    for module in model.modules():
+        if isinstance(module, MoHRouter) and module.aux_loss is not None:
+            losses.append(module.aux_loss)
+            module.aux_loss = None
+    return torch.stack(losses).sum() if losses else None

@@ -1,0 +1,83 @@
+"""Per-(query, head) output gates shared by the softmax-family ops (mixture-of-heads, design §2.6).
+
+An op called with ``gates`` (B, H, *grid) returns ``gates[..., None] * attention(q, k, v)``. A zero gate marks
+a (query, head) pair that is not computed: its output is 0 and its gate gets no gradient (MoH's top-k leaves
+exact zeros for the heads a token did not choose, and their gates carry no gradient there either). The Triton
+kernel multiplies in its epilogue and skips query tiles whose gates are all zero; the helpers below give the
+torch paths the same contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.kernels.precision import compute_dtype
+
+
+def reference_gating(out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """The oracle: ``gates * out`` with no gradient through zero gates (the contract above)."""
+    g = torch.where(gates != 0, gates, gates.detach())
+    return out * g[..., None]
+
+
+def check_gates(gates: torch.Tensor | None, q: torch.Tensor) -> None:
+    """gates: (B, H, *grid) like q without its head dim, floating point, on q's device."""
+    if gates is None:
+        return
+    expect = tuple(q.shape[:-1])
+    if not isinstance(gates, torch.Tensor) or not gates.is_floating_point() or tuple(gates.shape) != expect:
+        got = f"{gates.dtype} {tuple(gates.shape)}" if isinstance(gates, torch.Tensor) else type(gates).__name__
+        raise ValueError(f"gates must be a floating-point tensor of shape (B, H, *grid)={expect}; got {got}")
+    if gates.device != q.device:
+        raise ValueError(f"gates is on {gates.device} but q is on {q.device}")
+
+
+def gate_output(out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """out (B, H, *grid, Dv) scaled by its gates, in out's dtype."""
+    return (out.to(compute_dtype(out.dtype)) * gates[..., None].to(compute_dtype(out.dtype))).to(out.dtype)
+
+
+def _inverse(gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    g = gates.to(dtype)
+    return torch.where(g != 0, 1.0 / torch.where(g != 0, g, 1.0), 0.0)
+
+
+def ungated(do: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient, output) of the ungated attention from those of the gated one; zero where the gate is zero."""
+    cdt = compute_dtype(out.dtype)
+    g = gates[..., None].to(cdt)
+    do_inner = (do.to(cdt) * g).to(do.dtype)
+    out_inner = (out.to(cdt) * _inverse(gates, cdt)[..., None]).to(out.dtype)
+    return do_inner, out_inner
+
+
+def gates_grad(do: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """d loss / d gates = rowsum(do * ungated out) = rowsum(do * out) / gate, and 0 where the gate is 0."""
+    cdt = compute_dtype(out.dtype)
+    rows = (do.to(cdt) * out.to(cdt)).sum(-1)
+    return (rows * _inverse(gates, cdt)).to(gates.dtype)
+
+
+def active_rows(gates: torch.Tensor, max_fraction: float = 0.75) -> torch.Tensor | None:
+    """Indices (B, H, n) of the query rows with a non-zero gate, active rows first (then inactive ones, to a
+    common length n), or None when some (batch, head) has more than ``max_fraction`` of its rows active —
+    then computing every row is cheaper than gathering. gates: (B, H, N)."""
+    active = gates != 0
+    n = int(active.sum(-1).amax())
+    if n > max_fraction * gates.shape[-1]:
+        return None
+    order = torch.argsort((~active).to(torch.uint8), dim=-1, stable=True)
+    return order[..., :max(n, 1)]
+
+
+def torch_path_fwd(fwd, gates: torch.Tensor | None, *args):
+    """Run a torch-path forward ``fwd(*args) -> (out, lse)`` and gate its output (every row is computed)."""
+    out, lse = fwd(*args)
+    return (out, lse) if gates is None else (gate_output(out, gates), lse)
+
+
+def torch_path_bwd(bwd, gates: torch.Tensor | None, do, q, k, v, out, *args):
+    """Run a torch-path backward ``bwd(do, q, k, v, out, *args)`` of a gated forward."""
+    if gates is not None:
+        do, out = ungated(do, out, gates)
+    return bwd(do, q, k, v, out, *args)
