@@ -9,6 +9,8 @@ torch paths the same contract.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from attnzoo.kernels.precision import compute_dtype
@@ -58,16 +60,29 @@ def gates_grad(do: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> torc
     return (rows * _inverse(gates, cdt)).to(gates.dtype)
 
 
-def active_rows(gates: torch.Tensor, max_fraction: float = 0.75) -> torch.Tensor | None:
-    """Indices (B, H, n) of the query rows with a non-zero gate, active rows first (then inactive ones, to a
-    common length n), or None when some (batch, head) has more than ``max_fraction`` of its rows active —
-    then computing every row is cheaper than gathering. gates: (B, H, N)."""
-    active = gates != 0
-    n = int(active.sum(-1).amax())
-    if n > max_fraction * gates.shape[-1]:
+class RowPlan(NamedTuple):
+    """Which rows of which (batch x head) sequences to compute: ``whole`` sequences (B·H indices) computed in
+    full, ``sparse`` sequences of which only ``rows`` (len(sparse), n) are — their active rows first, then
+    inactive ones up to a common length n."""
+
+    whole: torch.Tensor
+    sparse: torch.Tensor
+    rows: torch.Tensor
+
+
+def row_plan(gates: torch.Tensor, max_fraction: float = 0.75) -> RowPlan | None:
+    """Plan for gates (B, H, N): sequences with more than ``max_fraction`` of their rows active (e.g. MoH's
+    shared heads) are computed whole, the others only on their active rows; None when no sequence is sparse
+    (gathering would then cost more than it saves)."""
+    counts = (gates != 0).reshape(-1, gates.shape[-1]).sum(-1)
+    dense = counts > max_fraction * gates.shape[-1]
+    if bool(dense.all()):
         return None
-    order = torch.argsort((~active).to(torch.uint8), dim=-1, stable=True)
-    return order[..., :max(n, 1)]
+    sparse = (~dense).nonzero().squeeze(1)
+    active = gates.reshape(-1, gates.shape[-1]).index_select(0, sparse) != 0
+    n = max(int(counts.index_select(0, sparse).max()), 1)
+    rows = torch.argsort((~active).to(torch.uint8), dim=-1, stable=True)[:, :n]
+    return RowPlan(dense.nonzero().squeeze(1), sparse, rows)
 
 
 def torch_path_fwd(fwd, gates: torch.Tensor | None, *args):

@@ -99,9 +99,10 @@ def test_torch_path_computes_only_gated_rows(monkeypatch):
     monkeypatch.setattr(torch_impl, "attention_fwd", spy)
     q, k, v = (randn(1, 4, 64, 16, dtype=torch.float32, device="cpu") for _ in range(3))
     gates = torch.zeros(1, 4, 64)
-    gates[..., ::4] = 1.0  # a quarter of each head's queries
+    gates[:, :2] = 1.0  # two shared heads: every query
+    gates[:, 2:, ::4] = 0.5  # two routed heads: a quarter of the queries each
     out = attention(q, k, v, gates=gates, backend="torch")
-    assert rows == [16]
+    assert rows == [64, 16]  # the shared heads whole, the routed ones on their 16 active rows
     expect = attention(q, k, v, backend="reference") * gates[..., None]
     assert rel_err(out, expect) < 1e-6
     rows.clear()

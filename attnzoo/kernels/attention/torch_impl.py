@@ -138,40 +138,84 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` (B, H, n) of t (B, H, N, X) -> (B, H, n, X)."""
-    return t.gather(2, index[..., None].expand(*index.shape, t.shape[-1]))
+def _sequences(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H_kv, L, X) -> (B·H, 1, L, X): one single-head sequence per query head (GQA kv repeated)."""
+    t = _expand_kv(t, heads // t.shape[1])
+    return t.reshape(-1, 1, *t.shape[2:])
 
 
-def _scatter_rows(shape, index: torch.Tensor, rows: torch.Tensor, fill: float) -> torch.Tensor:
-    out = torch.full(shape, fill, dtype=rows.dtype, device=rows.device)
-    if rows.ndim == 3:
-        return out.scatter_(2, index, rows)
-    return out.scatter_(2, index[..., None].expand(*index.shape, rows.shape[-1]), rows)
+def _take(t: torch.Tensor | None, index: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Sequences ``index`` of t (S, 1, L, X) or (S, L), and of those the ``rows`` (len(index), n) when given."""
+    if t is None:
+        return None
+    t = t.index_select(0, index)
+    if rows is None:
+        return t
+    if t.ndim == 2:
+        return t.gather(1, rows)
+    return t.gather(2, rows[:, None, :, None].expand(-1, 1, -1, t.shape[-1]))
+
+
+def _put(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Inverse of ``_take``: write src into sequences ``index`` (and ``rows``) of dst."""
+    if rows is not None:
+        full = dst.index_select(0, index)
+        if dst.ndim == 2:
+            src = full.scatter(1, rows, src)
+        else:
+            src = full.scatter(2, rows[:, None, :, None].expand(-1, 1, -1, src.shape[-1]), src)
+    dst.index_copy_(0, index, src)
+
+
+def _groups(plan):
+    return ((plan.whole, None), (plan.sparse, plan.rows))
 
 
 def gated_attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask, gates):
     """``attention_fwd`` with per-(query, head) output gates (B, H, N) (see ``attnzoo.kernels.gating``).
 
-    Without a causal mask only the rows with a non-zero gate are computed when few enough are active (MoH's
-    top-k); a causal mask ties a row to its position, so then every row is computed and gated.
+    Without a causal mask, (batch, head) sequences with few active rows (MoH's routed heads) are computed only
+    on those rows, the rest (e.g. shared heads) whole; a causal mask ties a row to its position, so then every
+    row is computed and gated.
     """
-    index = None if causal else gating.active_rows(gates)
-    if index is None:
+    plan = None if causal else gating.row_plan(gates)
+    if plan is None:
         out, lse = attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask)
-    else:
-        out_c, lse_c = attention_fwd(_rows(q, index), k, v, False, scale, score, sigmoid_bias, key_mask)
-        out = _scatter_rows((*q.shape[:3], v.shape[-1]), index, out_c, 0.0)
-        lse = _scatter_rows(q.shape[:3], index, lse_c, float("inf"))
-    return gating.gate_output(out, gates), lse
+        return gating.gate_output(out, gates), lse
+    B, H, N = q.shape[:3]
+    qs, ks, vs = _sequences(q, H), _sequences(k, H), _sequences(v, H)
+    km = None if key_mask is None else key_mask.repeat_interleave(H, 0)
+    out = q.new_zeros((B * H, 1, N, v.shape[-1]))
+    lse = torch.full((B * H, 1, N), float("inf"), device=q.device, dtype=lse_dtype(q.dtype))
+    for index, rows in _groups(plan):
+        if index.numel():
+            o, l = attention_fwd(_take(qs, index, rows), _take(ks, index), _take(vs, index), False, scale, score,
+                                 sigmoid_bias, _take(km, index))
+            _put(out, index, o, rows)
+            _put(lse.view(B * H, N), index, l.view(len(index), -1), rows)
+    return gating.gate_output(out.view(B, H, N, -1), gates), lse.view(B, H, N)
 
 
 def gated_attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask, gates):
     """(dq, dk, dv) of ``gated_attention_fwd`` from its gated output ``out`` and gradient ``do``."""
     do, out = gating.ungated(do, out, gates)
-    index = None if causal else gating.active_rows(gates)
-    if index is None:
+    plan = None if causal else gating.row_plan(gates)
+    if plan is None:
         return attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask)
-    dq_c, dk, dv = attention_bwd(_rows(do, index), _rows(q, index), k, v, _rows(out, index), lse.gather(2, index),
-                                 False, scale, score, sigmoid_bias, key_mask)
-    return _scatter_rows(q.shape, index, dq_c, 0.0), dk, dv
+    B, H, N = q.shape[:3]
+    qs, ks, vs, dos, outs = (_sequences(t, H) for t in (q, k, v, do, out))
+    lses = lse.reshape(B * H, N)
+    km = None if key_mask is None else key_mask.repeat_interleave(H, 0)
+    dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(ks), torch.zeros_like(vs)
+    for index, rows in _groups(plan):
+        if index.numel():
+            g_dq, g_dk, g_dv = attention_bwd(
+                _take(dos, index, rows), _take(qs, index, rows), _take(ks, index), _take(vs, index),
+                _take(outs, index, rows), _take(lses, index, rows)[:, None], False, scale, score, sigmoid_bias,
+                _take(km, index))
+            _put(dq, index, g_dq, rows)
+            _put(dk, index, g_dk)
+            _put(dv, index, g_dv)
+    hkv = k.shape[1]
+    return (dq.view(q.shape), dk.view(B, hkv, H // hkv, *k.shape[2:]).sum(2),
+            dv.view(B, hkv, H // hkv, *v.shape[2:]).sum(2))
