@@ -161,3 +161,18 @@ def test_autocast_runs_in_the_autocast_dtype():
         out = attention(q, k, v)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, attention_reference(q, k, v)) < 2e-2
+
+
+def test_strided_head_dim_on_the_cpu_fast_path():
+    """ATen's CPU flash kernel needs unit-stride head dims; strided q/k/v must give the same result."""
+    q = torch.randn(2, 2, 8, 9).transpose(-1, -2)
+    k, v = (torch.randn(2, 2, 8, 18).transpose(-1, -2) for _ in range(2))
+    assert q.stride(-1) != 1
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves)
+    expect = attention_reference(*(t.detach().double() for t in (q, k, v))).float()
+    assert rel_err(out, expect) < 1e-5
+    grads = torch.autograd.grad(out.sum(), leaves)
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    expect_grads = torch.autograd.grad(attention(*dense).sum(), dense)
+    assert all(rel_err(g, e) < 1e-5 for g, e in zip(grads, expect_grads, strict=True))

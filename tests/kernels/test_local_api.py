@@ -76,12 +76,18 @@ OPS = {
 }
 
 
+def _dim_strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values with a strided head dim (stride(-1) != 1)."""
+    return t.movedim(-1, 2).contiguous().movedim(2, -1)
+
+
+@pytest.mark.parametrize("layout", [_heads_second, _dim_strided], ids=["heads_second", "dim_strided"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op", OPS)
-def test_non_contiguous_inputs_give_the_same_result(op, backend, request):
+def test_non_contiguous_inputs_give_the_same_result(op, backend, layout, request):
     device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
     base = grid_qkv(8, 8, H=2, Hkv=1, device=device)
-    views = [_heads_second(t).requires_grad_() for t in base]
+    views = [layout(t).requires_grad_() for t in base]
     dense = [t.clone().requires_grad_() for t in base]
     assert not views[0].is_contiguous()
     out_v, out_d = OPS[op](*views, backend), OPS[op](*dense, backend)

@@ -33,6 +33,11 @@ def _expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
     return t if group == 1 else t.repeat_interleave(group, 1)
 
 
+def _unit_dim(t: torch.Tensor) -> torch.Tensor:
+    """ATen's CPU flash kernels read the head dim as unit-stride rows: copy a strided one."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _chunks(q: torch.Tensor, m: int):
     """Query ranges so that one chunk's scores stay within the memory budget."""
     b, h, n = q.shape[:3]
@@ -81,8 +86,8 @@ def attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask=None):
     group = q.shape[1] // k.shape[1]
     if _use_aten_flash(q, v, score):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, _expand_kv(k, group), _expand_kv(v, group), 0.0, causal, attn_mask=_additive_mask(key_mask, q.dtype),
-            scale=scale)
+            _unit_dim(q), _unit_dim(_expand_kv(k, group)), _unit_dim(_expand_kv(v, group)), 0.0, causal,
+            attn_mask=_additive_mask(key_mask, q.dtype), scale=scale)
         # ATen lays both out heads-second in memory; the op's contract is contiguous (B, H, N, ...).
         return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
     cdt = compute_dtype(q.dtype)
@@ -105,9 +110,9 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key
     """Gradients (dq, dk, dv) recomputed per query chunk from the saved ``lse``."""
     group = q.shape[1] // k.shape[1]
     if _use_aten_flash(q, v, score):
-        ke, ve = _expand_kv(k, group), _expand_kv(v, group)
+        ke, ve = _unit_dim(_expand_kv(k, group)), _unit_dim(_expand_kv(v, group))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do.contiguous(), q, ke, ve, out, lse.float() if q.dtype != torch.float64 else lse, 0.0, causal,
+            do.contiguous(), _unit_dim(q), ke, ve, out, lse.float() if q.dtype != torch.float64 else lse, 0.0, causal,
             attn_mask=_additive_mask(key_mask, q.dtype), scale=scale)
         if group > 1:
             dk = _grouped(dk, k.shape[1]).sum(2)
