@@ -1,5 +1,7 @@
 """Attention blocks (nn.Modules), one family per file, on top of the ops in ``attnzoo.kernels``."""
 
+from attnzoo.blocks.agent import AgentAttention
+from attnzoo.blocks.based import BasedMixer, BasedState
 from attnzoo.blocks.channel import (
     ChannelSelfAttention,
     EfficientChannelAttention,
@@ -9,18 +11,25 @@ from attnzoo.blocks.channel import (
 )
 from attnzoo.blocks.cross import AttentivePoolingHead, CrossAttention, CrossViTFusion
 from attnzoo.blocks.halo import HaloAttention
+from attnzoo.blocks.linear import HedgehogFeatureMap, LinearAttention, LinearAttentionState
 from attnzoo.blocks.mhsa import MultiHeadSelfAttention
 from attnzoo.blocks.moh import MoHRouter, auxiliary_loss
 from attnzoo.blocks.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 
 __all__ = [
+    "AgentAttention",
     "AttentivePoolingHead",
+    "BasedMixer",
+    "BasedState",
     "ChannelSelfAttention",
     "CrossAttention",
     "CrossViTFusion",
     "EfficientChannelAttention",
     "FrequencyChannelAttention",
     "HaloAttention",
+    "HedgehogFeatureMap",
+    "LinearAttention",
+    "LinearAttentionState",
     "MoHRouter",
     "MultiHeadSelfAttention",
     "NeighborhoodAttention1d",
