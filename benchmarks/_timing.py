@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib.metadata
 import os
 import platform
@@ -438,3 +439,32 @@ def compiled_flex() -> Callable[..., torch.Tensor]:
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux: write 5 to ``/proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_of(run: Callable[[], Any]) -> dict[str, Any]:
+    """Peak RSS of one ``run()`` above the RSS just before it (Linux; run in a fresh process after a warm-up):
+    ``{"peak_bytes", "reset"}``, ``reset`` False when the peak could not be reset (then it is a bound)."""
+    gc.collect()
+    reset = _reset_peak_rss()
+    rss0 = _proc_status_kb("VmRSS") if reset else _proc_status_kb("VmHWM")
+    run()
+    return {"peak_bytes": max(_proc_status_kb("VmHWM") - rss0, 0) * 1024, "reset": reset}

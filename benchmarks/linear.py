@@ -28,7 +28,6 @@ Every candidate is checked before it is timed: ``rel err = ‖out − ref‖ / �
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import json
 import os
@@ -49,13 +48,13 @@ from _timing import (
     fwd_bwd_closure,
     fwd_closure,
     machine_info,
+    peak_rss_of,
     print_table,
     rel_err,
     resolve_device,
     synchronize,
     write_rows,
 )
-from local import _proc_status_kb, _reset_peak_rss
 
 from attnzoo.kernels import linear_attention
 
@@ -259,12 +258,7 @@ def mem_worker(spec: dict[str, Any]) -> dict[str, Any]:
         return fwd_bwd_closure(ours(case, g, "torch"), q, k, v)
 
     make(256)()  # load libraries and thread pools first
-    run = make(spec["T"])
-    gc.collect()
-    reset = _reset_peak_rss()
-    rss0 = _proc_status_kb("VmRSS") if reset else _proc_status_kb("VmHWM")
-    run()
-    return {"peak_bytes": max(_proc_status_kb("VmHWM") - rss0, 0) * 1024, "reset": reset}
+    return peak_rss_of(make(spec["T"]))
 
 
 def measure_memory(kind: str, mode: str, t: int, threads: int) -> int | None:

@@ -66,6 +66,7 @@ from _timing import (
     fwd_closure,
     machine_info,
     make_grad_inputs,
+    peak_rss_of,
     print_table,
     rel_err,
     resolve_device,
@@ -430,22 +431,6 @@ def cpu_table(results: list[dict], stat: str) -> tuple[list[str], list[list[Any]
 # ------------------------------------------------------------------------------------------- CPU memory
 
 
-def _proc_status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux: write 5 to ``/proc/self/clear_refs``)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def mem_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this (fresh) process: peak RSS of one call minus the RSS just before it."""
     torch.set_num_threads(spec["threads"])
@@ -474,12 +459,7 @@ def mem_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     call(*make(16))  # load libraries, thread pools and kernels on a small map first
     fn, xs, g = make(side)
-    gc.collect()
-    reset = _reset_peak_rss()
-    rss0 = _proc_status_kb("VmRSS") if reset else _proc_status_kb("VmHWM")
-    call(fn, xs, g)
-    hwm = _proc_status_kb("VmHWM")
-    return {"peak_bytes": max(hwm - rss0, 0) * 1024, "reset": reset}
+    return peak_rss_of(lambda: call(fn, xs, g))
 
 
 def measure_memory(side: int, mode: str, impl: str, threads: int, k: int = 7) -> dict[str, Any] | None:
@@ -899,13 +879,7 @@ def halo_mem_worker(spec: dict[str, Any]) -> dict[str, Any]:
     # Load libraries, thread pools and kernels on a 2-image batch first.
     halo_closure(halo_cands(HaloCase(B=2), level, (impl,))[impl], mode)()
     c = halo_cands(hc, level, (impl,))[impl]
-    run = halo_closure(c, mode)  # builds the grad-requiring inputs and the output grad: no call yet
-    gc.collect()
-    reset = _reset_peak_rss()
-    rss0 = _proc_status_kb("VmRSS") if reset else _proc_status_kb("VmHWM")
-    run()
-    hwm = _proc_status_kb("VmHWM")
-    return {"peak_bytes": max(hwm - rss0, 0) * 1024, "reset": reset}
+    return peak_rss_of(halo_closure(c, mode))  # the closure builds its inputs and output grad: no call yet
 
 
 def run_halo_memory(hc: HaloCase, threads: int, jobs: int = 2) -> tuple[list[str], list[list[Any]], str]:
