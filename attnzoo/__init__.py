@@ -1,7 +1,10 @@
 """attnzoo: efficient attention blocks on shared Triton kernels, timm backbones, Lightning training.
 
-Importing the package is cheap: no Triton compilation, no data loading. Kernels are imported on
-first use (``attnzoo.kernels``); zoo models register with timm when ``attnzoo.zoo`` is imported.
+``import attnzoo`` registers the zoo's ``attnzoo_*`` models with timm (``timm.create_model("attnzoo_vit_small")``)
+and stays cheap: no Triton compilation, no data loading, no Lightning. Kernels compile on first use; the training
+package (``attnzoo.train``) is imported only when used.
 """
+
+import attnzoo.zoo  # noqa: F401  (registers the models with timm)
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import create_act_layer
+from timm.layers import create_act_layer, register_notrace_module
 from timm.layers.helpers import make_divisible
 from torch import Tensor, nn
 
@@ -288,6 +288,7 @@ class SubspaceAttention(nn.Module):
         return (x.reshape(B, self.groups, C // self.groups, H, W) * (1 + a)).view(B, C, H, W)
 
 
+@register_notrace_module  # an FX leaf (timm feature extraction): checks shapes eagerly
 class ChannelSelfAttention(QKVProjection):
     """Transposed ("channel") self-attention of XCiT's XCA / DaViT's channel attention: within each head the
     D = C / H channels attend to each other, with the N tokens as the feature axis.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from attnzoo.blocks.moh import make_router
@@ -19,6 +20,7 @@ from attnzoo.kernels import SCORES, attention
 __all__ = ["MultiHeadSelfAttention"]
 
 
+@register_notrace_module  # an FX leaf (timm feature extraction): the op checks shapes eagerly
 class MultiHeadSelfAttention(QKVProjection):
     """Multi-head self-attention over a token sequence.
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from attnzoo.blocks.moh import make_router
@@ -150,18 +151,21 @@ class _NeighborhoodAttention(QKVProjection):
         )
 
 
+@register_notrace_module  # an FX leaf (timm feature extraction): the op checks shapes eagerly
 class NeighborhoodAttention1d(_NeighborhoodAttention):
     __doc__ = "1-D neighborhood attention block (NATTEN's ``NeighborhoodAttention1D``): x (B, L, C) -> (B, L, C).\n\n"
     __doc__ += _ARGS_DOC
     spatial = 1
 
 
+@register_notrace_module  # an FX leaf (timm feature extraction): the op checks shapes eagerly
 class NeighborhoodAttention2d(_NeighborhoodAttention):
     __doc__ = "2-D neighborhood attention block (NATTEN's ``NeighborhoodAttention2D``): x (B, X, Y, C) -> same.\n\n"
     __doc__ += _ARGS_DOC
     spatial = 2
 
 
+@register_notrace_module  # an FX leaf (timm feature extraction): the op checks shapes eagerly
 class NeighborhoodAttention3d(_NeighborhoodAttention):
     __doc__ = "3-D neighborhood attention block (NATTEN's ``NeighborhoodAttention3D``): x (B, X, Y, Z, C) -> same.\n\n"
     __doc__ += _ARGS_DOC
