@@ -1,48 +1,47 @@
-"""The demo job end to end at toy size: real data, a few steps, accuracy reported in [0, 1]."""
+"""The demo job end to end at toy size: real data, a few steps, export, timm reload, pictures, summary."""
 
-import importlib.util
-import re
+import json
 
 import pytest
 import torch
 
 from attnzoo.train import demo
-from attnzoo.train.data import fashion_mnist as fm
+from tests.train.helpers import HAS_FMNIST, NEEDS_FMNIST_REASON
 
-pytestmark = pytest.mark.skipif(
-    not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"Debian package dataset-fashion-mnist not installed (no idx files in {fm.DEBIAN_ROOT})",
-)
+pytestmark = pytest.mark.skipif(not HAS_FMNIST, reason=NEEDS_FMNIST_REASON)
 
 
-def test_demo_main_runs(capsys):
-    result = demo.main(["--steps", "5", "--eval-limit", "512", "--no-triton-check", "--device", "cpu"])
-    assert result["steps"] == 5 and result["test_images"] == 512
-    assert 0.0 <= result["test_accuracy"] <= 1.0
-    assert result["train_loss"] > 0
-    out = capsys.readouterr().out
-    match = re.search(r"test accuracy\s+([\d.]+)% on 512 ", out)
-    assert match and 0.0 <= float(match.group(1)) <= 100.0, out
-
-
-def test_demo_is_deterministic():
-    args = ["--steps", "2", "--eval-limit", "256", "--no-triton-check", "--device", "cpu", "--seed", "3"]
-    a, b = demo.main(args), demo.main(args)
-    assert a["train_loss"] == b["train_loss"] and a["test_accuracy"] == b["test_accuracy"]
+def test_demo_main_runs(tmp_path, capsys):
+    limits = [f"--trainer.limit_{stage}_batches=2" for stage in ("train", "val", "test")]
+    args = ["--out", str(tmp_path), "--no-triton-check", "--trainer.max_epochs", "1", *limits,
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    summary = demo.main(args)
+    assert summary["steps"] == 2 and summary["test_images"] == 256 and 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["roundtrip_max_abs_diff"] == 0.0  # the timm-loaded export gives the trained model's logits
+    assert len(summary["predictions"]) == demo.NUM_IMAGES
+    for name in ("curves.png", "export/attention.png", "export/model.safetensors", "final.ckpt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert "test accuracy" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_check_subprocess():
-    # The interpreter path the demo takes on a CPU-only machine (on CUDA it runs in-process).
-    torch.manual_seed(0)
-    model = demo.TinyViT().eval()
-    images, _ = fm.load_fashion_mnist("test")
-    check = demo.check_triton(model, images[:2])
-    assert len(check["rel_errs"]) == len(model.blocks)
-    assert max(check["rel_errs"]) <= 1e-5, check
+def test_triton_check_of_an_export(tiny_run, tmp_path):
+    # The interpreter subprocess the demo runs on a CPU-only machine (on CUDA it runs in-process).
+    from attnzoo.train.export import export_checkpoint
+
+    ckpt, _ = tiny_run
+    export = export_checkpoint(ckpt, tmp_path / "export")
+    check = demo.check_triton(export, torch.randn(2, 1, 28, 28))
+    if check["rel_err"] is None:
+        pytest.skip(check["mode"])
+    assert check["rel_err"] <= 1e-5, check
 
 
-def test_bad_steps_flag():
+def test_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        demo.parse_args(["--steps", "0"])
+        demo.parse_args(["--config", str(tmp_path / "absent.yaml")])
+    assert "absent.yaml does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # options for the CLI are checked by its parser
+        demo.main(["--out", str(tmp_path), "--trainer.max_epoch", "1"])
+    assert "unrecognized arguments: --trainer.max_epoch" in capsys.readouterr().err

@@ -1,0 +1,5 @@
+"""``python -m attnzoo``: the ``attnzoo`` command (``attnzoo.train.cli``)."""
+
+from attnzoo.train.cli import main
+
+main()
