@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.attnzoo-installed
 
-.PHONY: demo test lint bench data clean
+.PHONY: demo test lint bench data checkpoints clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,17 @@ demo: $(STAMP) data
 test: $(STAMP) data
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q tests
+
+# The shipped checkpoints (attnzoo/zoo/weights): recipe:tag pairs, each trained and measured by
+# attnzoo.train.publish on this machine's CPU (see the model cards for the times).
+CHECKPOINTS := series/classify:waves fmnist/crossvit_mini:fmnist fmnist/vit_linear:fmnist fmnist/vit_moh:fmnist \
+	text/lm_char:pydoc fmnist/nat_mini:fmnist fmnist/davit_mini:fmnist fmnist/halonet_mini:fmnist
+
+checkpoints: $(STAMP) data
+	@for pair in $(CHECKPOINTS); do \
+		$(BIN)/python -m attnzoo.train.publish --config configs/$${pair%%:*}.yaml --tag $${pair##*:} \
+			--trainer.enable_progress_bar=false || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -42,6 +42,12 @@ class Pair:
 PAIRS = [
     Pair("attnzoo_vit_small", "vit_small_patch16_224", same_weights=True, goal=1.0),
     Pair("attnzoo_vit_tiny", "vit_tiny_patch16_224", same_weights=True),
+    Pair("attnzoo_halonet26t", "halonet26t", same_weights=True, goal=1.2),
+    Pair("attnzoo_davit_tiny", "davit_tiny", same_weights=True),
+    # timm's crossvit_tiny_240 shows its second branch the image resized to 224 px: ours takes the same img_scale
+    Pair("attnzoo_crossvit_tiny", "crossvit_tiny_240", dict(img_scale=(1.0, 224 / 240)), same_weights=True),
+    # timm has no neighborhood-attention model: its nearest is Swin's shifted-window local attention
+    Pair("attnzoo_nat_tiny", "swin_tiny_patch4_window7_224"),
 ]
 QUICK = [
     Pair("attnzoo_vit_tiny", "vit_tiny_patch16_224", dict(img_size=64, depth=2), same_weights=True,

@@ -9,7 +9,7 @@
     attnzoo models   [--pattern 'attnzoo_nat*'] [--markdown]            # the zoo: name, params, pretrained tags
 
 fit / validate / test / predict are Lightning's CLI (``--help`` on each); the config picks the task
-(``model.class_path``: ImageClassifier, CharLanguageModel, SeriesClassifier) and the data
+(``model.class_path``: ImageClassifier, DetectionTask, CharLanguageModel, SeriesClassifier) and the data
 (``data.class_path``); the data's ``data_info`` is passed to the task. ``--ckpt_path`` resumes ``fit``.
 """
 
@@ -38,6 +38,7 @@ class AttnzooCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         # Imported so that configs can name the classes by their short names (class_path: ImageClassifier).
+        import attnzoo.train.data.detection
         import attnzoo.train.data.images
         import attnzoo.train.data.series
         import attnzoo.train.data.text

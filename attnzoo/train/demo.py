@@ -1,7 +1,7 @@
 """The demo job (``make demo``): train a zoo model on Fashion-MNIST on the CPU, export it, load it back with
 timm, predict test images, and draw the training curves and an attention map.
 
-    python -m attnzoo.train.demo [--config configs/fmnist/vit_mini.yaml] [--out runs/demo] [--no-triton-check]
+    python -m attnzoo.train.demo [--config configs/fmnist/davit_mini.yaml] [--out runs/demo] [--no-triton-check]
         [any attnzoo fit option, e.g. --trainer.max_epochs 1 --trainer.limit_train_batches 20]
 
 Training is the attnzoo CLI's (the config's task, data, optimizer and trainer settings). Then the final
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CONFIG = REPO_CONFIGS / "fmnist" / "vit_mini.yaml"
+DEFAULT_CONFIG = REPO_CONFIGS / "fmnist" / "davit_mini.yaml"
 NUM_IMAGES = 8  # test images classified by the exported model
 
 

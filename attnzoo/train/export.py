@@ -58,10 +58,40 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, tag: str = "exp
     if "img_size" in info:
         data_config = {"input_size": (info["in_chans"], *info["img_size"]), "mean": tuple(info["mean"]),
                        "std": tuple(info["std"]), "crop_pct": 1.0}  # fmt: skip
-    save_for_hf(task.model, output, model_config=model_config, data_config=data_config, safe_serialization=True)
+    if "input_size" in task.model.pretrained_cfg:  # image models: timm's own writer
+        save_for_hf(task.model, output, model_config=model_config, data_config=data_config, safe_serialization=True)
+    else:
+        _save_sequence_model(task, output, model_config)
     if image is not None:
         _write_attention_picture(task, image, output / "attention.png")
     return output
+
+
+def _save_sequence_model(task, output: Path, model_config: dict) -> None:
+    """timm's ``save_for_hf`` layout for a model without an image input (timm's writer needs ``input_size``):
+    ``model.safetensors`` and a ``config.json`` whose ``model_args`` are the arguments the task built it with."""
+    from safetensors.torch import save_file
+    from timm.models import filter_pretrained_cfg
+
+    model = task.model
+    name = task.hparams.model_name
+    if "." in name or name.startswith("local-dir:"):
+        raise ValueError(f"model_name={name!r}: export of a sequence model needs the bare zoo name it was built from")
+    pretrained_cfg = filter_pretrained_cfg(dict(model.pretrained_cfg), remove_source=True, remove_null=True)
+    pretrained_cfg.update(model_config.pop("pretrained_cfg", {}))
+    # Missing ones would read as timm's defaults (1000 classes, 3 x 224 x 224) when loading, i.e. as arguments.
+    pretrained_cfg.update(num_classes=None, input_size=None)
+    pretrained_cfg.pop("architecture", None)
+    config = {
+        "architecture": name,
+        "num_features": model.num_features,
+        "model_args": {**(task.hparams.model_kwargs or {}), **task.backbone_kwargs(task.data_info)},
+        "pretrained_cfg": pretrained_cfg,
+        **model_config,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output / "model.safetensors")
+    (output / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _write_attention_picture(task, image_path: str | Path, out: Path) -> None:

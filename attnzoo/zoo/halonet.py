@@ -1,5 +1,6 @@
 """HaloNet-style hybrids: timm's ByobNet (ResNet-style bottlenecks + self-attention blocks) with attnzoo's fused
-``HaloAttention``: ``attnzoo_halonet26t`` and the small ``attnzoo_halonet_tiny``.
+``HaloAttention``: ``attnzoo_halonet26t``, the small ``attnzoo_halonet_tiny`` and ``attnzoo_halonet_mini``
+(28 x 28 images).
 
 Paper: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones` (Vaswani et al., CVPR 2021,
 arXiv:2103.12731); the architecture is timm's ``halonet26t`` (its ``byoanet`` config), built by timm's ByobNet
@@ -11,8 +12,8 @@ and gives the same logits:
 
 Input sizes: every halo attention splits its input map into ``block_size`` x ``block_size`` blocks, so the image
 height and width must be multiples of ``block_size`` times the stride at which each attention runs (256 for
-``attnzoo_halonet26t``: block 8 at stride 32; 64 for ``attnzoo_halonet_tiny``); other sizes fail with an error
-naming the accepted ones.
+``attnzoo_halonet26t``: block 8 at stride 32; 64 for ``attnzoo_halonet_tiny``; 14 for ``attnzoo_halonet_mini``);
+other sizes fail with an error naming the accepted ones.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from torch import Tensor
 
 from attnzoo.blocks import HaloAttention
 from attnzoo.blocks.factory import GridRule
-from attnzoo.zoo._builder import zoo_cfg
+from attnzoo.zoo._builder import FMNIST_CFG, zoo_cfg
 from attnzoo.zoo.convert import checkpoint_filter_fn
+from attnzoo.zoo.pretrained import with_shipped
 
 __all__ = ["HaloNet", "model_cfgs"]
 
@@ -49,6 +51,21 @@ model_cfgs = dict(
         stem_pool="maxpool",
         self_attn_layer=HaloAttention,
         self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=4),
+    ),
+    # ... and one for 28 x 28 grayscale images (Fashion-MNIST): a stride-2 stem, then every halo attention runs
+    # on 14 x 14 maps (2 x 2 blocks of 7, halo 2; the last one strides its queries to 7 x 7).
+    attnzoo_halonet_mini=ByoModelCfg(
+        blocks=(
+            ByoBlockCfg(type="bottle", d=1, c=64, s=1, gs=0, br=0.25),
+            interleave_blocks(types=("bottle", "self_attn"), d=2, c=128, s=1, gs=0, br=0.25),
+            ByoBlockCfg(type="self_attn", d=1, c=256, s=2, gs=0, br=0.25),
+        ),
+        stem_chs=32,
+        stem_type="",
+        stem_pool="",
+        num_features=256,
+        self_attn_layer=HaloAttention,
+        self_attn_kwargs=dict(block_size=7, halo_size=2, num_heads=4),
     ),
 )
 
@@ -120,11 +137,17 @@ class HaloNet(ByobNet):
         return super().forward_features(_checked_image(x, self.image_multiple, self._needs))
 
 
+# Default features_only levels: the stem and every stage that changes the stride (the mini model strides once).
+_FEATURE_LEVELS = {"attnzoo_halonet26t": (0, 1, 2, 3, 4), "attnzoo_halonet_tiny": (0, 1, 2, 3, 4),
+                   "attnzoo_halonet_mini": (0, 1)}  # fmt: skip
+
+
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
     # features_only through forward_intermediates (feature_cls='getter'), so the image-size check applies there too
     return build_model_with_cfg(
         HaloNet, variant, pretrained, model_cfg=model_cfgs[variant], pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", (0, 1, 2, 3, 4))), **kwargs,
+        feature_cfg=dict(feature_cls="getter", out_indices=kwargs.pop("out_indices", _FEATURE_LEVELS[variant])),
+        **kwargs,
     )
 
 
@@ -137,10 +160,11 @@ def _cfg(**kwargs) -> dict:
     })
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(with_shipped({
     "attnzoo_halonet26t.untrained": _cfg(input_size=(3, 256, 256), pool_size=(8, 8), min_input_size=(3, 256, 256)),
     "attnzoo_halonet_tiny.untrained": _cfg(input_size=(3, 128, 128), pool_size=(4, 4), min_input_size=(3, 64, 64)),
-})
+    "attnzoo_halonet_mini.untrained": _cfg(**FMNIST_CFG, pool_size=(7, 7), min_input_size=FMNIST_CFG["input_size"]),
+}))
 
 
 @register_model
@@ -154,3 +178,9 @@ def attnzoo_halonet26t(pretrained: bool = False, **kwargs) -> HaloNet:
 def attnzoo_halonet_tiny(pretrained: bool = False, **kwargs) -> HaloNet:
     """A narrow HaloNet (32-512 channels, block 4, halo 1, 4 heads in stages 3-4); images: multiples of 64 px."""
     return _create_halonet("attnzoo_halonet_tiny", pretrained, **kwargs)
+
+
+@register_model
+def attnzoo_halonet_mini(pretrained: bool = False, **kwargs) -> HaloNet:
+    """A HaloNet for 28 x 28 images (32-256 channels, block 7, halo 2, 4 heads); images: multiples of 14 px."""
+    return _create_halonet("attnzoo_halonet_mini", pretrained, **kwargs)

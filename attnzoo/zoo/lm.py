@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, register_model, resolve_pretrained_cfg
 from torch import Tensor, nn
 
 from attnzoo.blocks.based import BasedMixer
@@ -40,6 +40,7 @@ from attnzoo.blocks.neighborhood import NeighborhoodAttention1d
 from attnzoo.kernels import attention
 from attnzoo.kernels.validate import check_choice
 from attnzoo.zoo.lm_cfgs import LM_MIXERS, LM_SIZES, default_cfgs  # noqa: F401  (register_model reads default_cfgs)
+from attnzoo.zoo.pretrained import shipped_data_info
 
 __all__ = [
     "CausalLanguageModel",
@@ -449,6 +450,11 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> CausalLanguageModel:
+    if pretrained and "vocab_size" not in kwargs:  # a shipped checkpoint's vocabulary, from its card
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        info = shipped_data_info(cfg.file) if cfg.file else None
+        if info is not None:
+            kwargs["vocab_size"] = len(info["vocab"])
     return build_model_with_cfg(CausalLanguageModel, variant, pretrained, **kwargs)
 
 

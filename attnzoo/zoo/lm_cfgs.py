@@ -11,6 +11,8 @@ from typing import Any
 
 from timm.models import generate_default_cfgs
 
+from attnzoo.zoo.pretrained import with_shipped
+
 # size -> model arguments; max_len is the context length (learned positions).
 LM_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=192, depth=6, num_heads=6, max_len=1024),
@@ -67,6 +69,6 @@ def _cfg(mixer: str, size: str) -> dict[str, Any]:
     )
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(with_shipped({
     f"attnzoo_lm_{mixer}_{size}.untrained": _cfg(mixer, size) for mixer in LM_MIXERS for size in LM_SIZES
-})
+}))

@@ -313,3 +313,29 @@ def attnzoo_vit_tiny_patch4_28(pretrained: bool = False, **kwargs: Any) -> Visio
     """ViT-Ti/4 for 28 x 28 grayscale images (Fashion-MNIST): a 7 x 7 patch grid."""
     return _create("attnzoo_vit_tiny_patch4_28", pretrained,
                    **{**dict(patch_size=4, embed_dim=192, depth=12, num_heads=3), **kwargs})
+
+
+# ViT-mini for 28 x 28 grayscale images (Fashion-MNIST): 4 x 4 patches -> a 7 x 7 grid, 64 channels, 4 blocks of
+# 4 heads, average pooling. The variants differ only in their attention (and its extra parameters).
+_MINI = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, global_pool="avg")
+
+
+@register_model
+def attnzoo_vit_mini(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-mini/4 for 28 x 28 images, softmax attention (the ``make demo`` model)."""
+    return _create("attnzoo_vit_mini", pretrained, **{**_MINI, **kwargs})
+
+
+@register_model
+def attnzoo_vit_mini_moh(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-mini/4 with mixture-of-heads attention: 2 shared heads + the top 1 of 2 routed (75% of heads)."""
+    attn = dict(attn="moh", attn_kwargs=dict(moh=dict(shared_heads=2, top_k=1)))
+    return _create("attnzoo_vit_mini_moh", pretrained, **{**_MINI, **attn, **kwargs})
+
+
+@register_model
+def attnzoo_vit_mini_linear(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-mini/4 with linear attention (elu+1 feature map, depthwise-conv local term)."""
+    attn = dict(attn="linear", attn_kwargs=dict(local_conv=3))
+    return _create("attnzoo_vit_mini_linear", pretrained, **{**_MINI, **attn, **kwargs})
+

@@ -1,5 +1,4 @@
-"""Every recipe in configs/ is a smoke test: fit (fast_dev_run), validate and predict run on CPU with it (on a
-tiny stand-in backbone where the recipe's zoo model is not registered yet)."""
+"""Every recipe in configs/ is a smoke test: fit (fast_dev_run), validate and predict run on CPU with it."""
 
 from pathlib import Path
 
@@ -10,11 +9,9 @@ import yaml
 import attnzoo.zoo  # noqa: F401  (registers the zoo)
 from attnzoo.train.data import load_fashion_mnist
 from attnzoo.train.data.image_files import write_image_file
-from tests.train.helpers import CONFIGS, HAS_FMNIST, NEEDS_FMNIST_REASON, cli  # registers the stand-ins
+from tests.train.helpers import CONFIGS, HAS_FMNIST, NEEDS_FMNIST_REASON, cli
 
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
-# Tiny test backbones (tests/train/helpers.py) for recipes whose zoo model is not registered yet.
-STAND_INS = {"CharLanguageModel": "test_tiny_char_lm", "SeriesClassifier": "test_tiny_series_encoder"}
 
 
 def _config(path: Path) -> dict:
@@ -22,17 +19,15 @@ def _config(path: Path) -> dict:
 
 
 def test_configs_exist():
-    assert {p.parent.name for p in ALL_CONFIGS} >= {"fmnist", "text", "series"}
+    assert {p.parent.name for p in ALL_CONFIGS} >= {"fmnist", "text", "series", "det"}
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_fit_validate_predict(path, tmp_path):
     config = _config(path)
     model = config["model"]["init_args"]["model_name"]
-    assert model.startswith("attnzoo_"), f"{path} trains {model}; shipped configs use zoo models"
+    assert model.startswith("attnzoo_") and timm.is_model(model), f"{path} trains {model}, not a zoo model"
     small = ["--data.init_args.batch_size", "4"]
-    if not timm.is_model(model):  # the zoo's sequence backbones are still to come: run the recipe on a stand-in
-        small += ["--model.init_args.model_name", STAND_INS[config["model"]["class_path"]]]
     data = config["data"]["class_path"]
     if data == "FashionMNISTDataModule":
         if not HAS_FMNIST:
@@ -42,6 +37,10 @@ def test_config_fit_validate_predict(path, tmp_path):
         for f, image in zip(files, images, strict=False):
             write_image_file(f, image[None])
         predict = ["--data.init_args.predict_files", str(files), "--predictions.attention_dir", str(tmp_path / "maps")]
+    elif data == "FashionDetectionDataModule":  # composed from Fashion-MNIST; predicts on the first test canvases
+        if not HAS_FMNIST:
+            pytest.skip(NEEDS_FMNIST_REASON)
+        predict = ["--data.init_args.predict_limit", "2", "--predictions.boxes_dir", str(tmp_path / "boxes")]
     elif data == "TextDataModule":
         predict = ["--model.init_args.predict_chars", "4", "--data.init_args.prompts", "['a', 'b']"]
     else:
@@ -57,3 +56,6 @@ def test_config_fit_validate_predict(path, tmp_path):
     if data == "FashionMNISTDataModule":  # top-5 class names with probabilities, and one attention picture each
         assert printer.lines[0].startswith("0.png: ") and printer.lines[0].count(", ") == 4
         assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["0.png.attention.png", "1.png.attention.png"]
+    if data == "FashionDetectionDataModule":  # one line and one picture of the boxes per canvas
+        assert [line.split(": ")[0] for line in printer.lines] == ["test_0", "test_1"]
+        assert sorted(p.name for p in (tmp_path / "boxes").iterdir()) == ["test_0.boxes.png", "test_1.boxes.png"]

@@ -10,6 +10,7 @@ from attnzoo.train.cli import run
 from attnzoo.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from attnzoo.train.data.image_files import write_image_file
 from attnzoo.train.export import load_task
+from tests.train.helpers import CONFIGS, cli
 
 
 def test_export_round_trip(tiny_run, tmp_path, capsys):
@@ -37,3 +38,18 @@ def test_export_round_trip(tiny_run, tmp_path, capsys):
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(x), task(x), rtol=0, atol=0)
     assert timm.create_model(f"local-dir:{out}", pretrained=True).pretrained_cfg["mean"] == [0.286]
+
+
+def test_export_round_trip_of_a_language_model(tmp_path):
+    fit = cli("fit", tmp_path, "--config", str(CONFIGS / "text" / "lm_char.yaml"), "--model.init_args.model_kwargs",
+              "{depth: 1, embed_dim: 32, num_heads: 2}", "--data.init_args.batch_size", "4", "--trainer.max_epochs",
+              "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1")  # fmt: skip
+    out = tmp_path / "exported"
+    run(["export", "--ckpt_path", fit.trainer.checkpoint_callback.last_model_path, "--output", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == fit.model.hparams.model_name == "attnzoo_lm_swa_tiny"
+    assert config["attnzoo"]["data_info"]["vocab"] == fit.model.vocab  # the tokenizer travels with the weights
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    tokens = torch.randint(0, len(fit.model.vocab), (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), fit.model.eval()(tokens), rtol=0, atol=0)

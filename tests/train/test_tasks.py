@@ -124,6 +124,20 @@ def test_auxiliary_loss_is_added_and_logged():
     assert no_aux.auxiliary_loss() is None
 
 
+def test_moh_load_balance_loss_of_a_vision_model_is_added():
+    # timm vision models have no auxiliary_loss(); the task collects what their MoH routers recorded
+    task = ImageClassifier("attnzoo_vit_mini_moh", data_info=IMAGE_INFO, model_kwargs={"depth": 2}).train()
+    images, labels = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    torch.manual_seed(0)
+    loss = task.training_step((images, labels), 0)
+    torch.manual_seed(0)
+    plain = F.cross_entropy(task(images), labels)
+    balance = [m.aux_loss for m in task.model.modules() if type(m).__name__ == "MoHRouter"]
+    assert len(balance) == 2 and all(b is not None and b > 0 for b in balance)
+    assert rel_err(loss, plain + sum(balance)) <= 1e-6
+    assert task.auxiliary_loss() is not None and task.auxiliary_loss() is None  # collected once, then cleared
+
+
 def test_series_forecasting_head_and_units():
     info = {"task": "forecasting", "in_chans": 2, "length": 16, "horizon": 3, "mean": [10.0, -1.0], "std": [2.0, 0.5]}
     task = SeriesClassifier("test_tiny_series_encoder", data_info=info).eval()

@@ -8,6 +8,8 @@ from attnzoo.train.data.fashion_mnist import FASHION_MNIST_CLASSES, IdxFormatErr
 _DATAMODULES = {
     "FashionMNISTDataModule": "images",
     "ImageFolderDataModule": "images",
+    "FashionDetectionDataModule": "detection",
+    "CocoDetectionDataModule": "detection",
     "TextDataModule": "text",
     "SeriesDataModule": "series",
 }

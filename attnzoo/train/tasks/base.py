@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from attnzoo.blocks.moh import auxiliary_loss as moh_auxiliary_loss
 from attnzoo.train.backbone import create_backbone, load_backbone_weights
 from attnzoo.train.optim import OptimizerSettings, build_optimization, check_optimizer_settings
 
@@ -92,9 +93,10 @@ class TaskModule(LightningModule):
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=stage != "train")
 
     def auxiliary_loss(self) -> Tensor | None:
-        """The backbone's ``auxiliary_loss()`` from its last forward, if it defines one."""
+        """The backbone's auxiliary losses of its last forward: its own ``auxiliary_loss()`` where it defines one,
+        else the sum of what its mixture-of-heads routers recorded (any timm model with MoH blocks)."""
         fn = getattr(self.model, "auxiliary_loss", None)
-        return fn() if callable(fn) else None
+        return fn() if callable(fn) else moh_auxiliary_loss(self.model)
 
     def configure_optimizers(self) -> dict:
         total = self.trainer.estimated_stepping_batches

@@ -1,0 +1,89 @@
+"""The checkpoints shipped in the package (attnzoo/zoo/weights): cards, files, timm loading, and each one's card
+metric reproduced on a fixed part of its test split through the attnzoo CLI (a loose bound)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from attnzoo.train.cli import AttnzooCLI
+from attnzoo.zoo.pretrained import CARD_KEYS, card, sha256_of, shipped_names, weights_path, with_shipped
+
+SHIPPED = shipped_names()
+# (metric, bound): the subset's metric must be at least card - bound (accuracy) or at most card + bound (bpc).
+LOOSE = {"test_acc": -0.05, "test_bpc": 0.25}
+TEST_BATCHES = 8
+
+
+def test_at_least_eight_checkpoints_cover_the_families():
+    assert len(SHIPPED) >= 8, SHIPPED
+    tasks = {card(n)["task"] for n in SHIPPED}
+    assert {"ImageClassifier", "CharLanguageModel", "SeriesClassifier"} <= tasks
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_and_weights_file(name):
+    c = card(name)
+    assert set(CARD_KEYS) <= set(c), sorted(set(CARD_KEYS) - set(c))
+    assert c["name"] == name
+    assert c["sha256"] == sha256_of(weights_path(name)), "the weights file changed after its card was written"
+    state = load_file(weights_path(name))
+    floats = [v for v in state.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert sum(v.numel() for v in state.values()) >= c["params"]  # parameters and buffers
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_timm_loads_it_offline_as_the_default_tag(name):
+    model_name, tag = name.split(".")
+    model = timm.create_model(model_name, pretrained=True)  # no tag: the shipped one is the default
+    assert model.pretrained_cfg["tag"] == tag
+    state = load_file(weights_path(name))
+    loaded = model.state_dict()
+    assert state.keys() == loaded.keys()
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in state.items())
+    assert tag in [t.split(".", 1)[1] for t in timm.list_pretrained(f"{model_name}.*")]
+    cfg = card(name)["pretrained_cfg"]
+    if "num_classes" in cfg:
+        assert model.num_classes == cfg["num_classes"]
+        assert list(model.pretrained_cfg["label_names"]) == cfg["label_names"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_metric_reproduced_on_a_test_subset(name, tmp_path):
+    c = card(name)
+    args = ["--config", c["recipe"], "--model.init_args.model_name", name, "--model.init_args.pretrained", "true",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+            "--trainer.limit_test_batches", str(TEST_BATCHES), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    cli = AttnzooCLI(args=args, run=False)
+    (result,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    checked = [m for m in LOOSE if m in c["metrics"]]
+    assert checked, c["metrics"]
+    for metric in checked:
+        bound = c["metrics"][metric] + LOOSE[metric]
+        assert math.isfinite(result[metric])
+        if LOOSE[metric] < 0:
+            assert result[metric] >= bound, (metric, result[metric], c["metrics"][metric])
+        else:
+            assert result[metric] <= bound, (metric, result[metric], c["metrics"][metric])
+
+
+def test_with_shipped_puts_shipped_tags_first_with_the_card_fields():
+    name = SHIPPED[0]
+    model_name = name.split(".")[0]
+    table = with_shipped({f"{model_name}.untrained": {"num_classes": 1000, "pool_size": (7, 7)}, "other.x": {}})
+    assert next(iter(table)) == name
+    assert table[name]["pool_size"] == (7, 7)  # the model's own cfg fields stay
+    assert table[name]["file"] == str(weights_path(name))
+    assert "attnzoo_unknown.x" not in with_shipped({"attnzoo_unknown.untrained": {}})
+
+
+def test_unknown_checkpoint_names_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match=SHIPPED[0].replace(".", r"\.")):
+        card("attnzoo_nat_mini.nonexistent")
+    with pytest.raises(ValueError, match="name='nat_mini'"):
+        card("nat_mini")
