@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in shipped_names():
         c = card(name)
-        model = timm.create_model(name.split(".")[0], pretrained=True).eval()
+        model = timm.create_model(name, pretrained=True).eval()
         x, unit, per_input = example_input(c, args.batch)
         t = bench_interleaved({"model": fwd_closure(model, x)}, warmup=2, reps=args.reps, device="cpu")["model"]
         rate = args.batch / (t["median_ms"] / 1e3)

@@ -7,12 +7,12 @@ own.
 
 from __future__ import annotations
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 
 from attnzoo.zoo._builder import FMNIST_CFG, zoo_cfg
 from attnzoo.zoo.convert import checkpoint_filter_fn
 from attnzoo.zoo.crossvit import CrossVit
-from attnzoo.zoo.pretrained import with_shipped
+from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 
 
 def _create_crossvit(variant: str, pretrained: bool = False, **kwargs) -> CrossVit:
@@ -34,11 +34,11 @@ def _cfg(**kwargs) -> dict:
     })
 
 
-default_cfgs = generate_default_cfgs(with_shipped({
+default_cfgs = default_cfgs_with_shipped({
     "attnzoo_crossvit_mini.untrained": _cfg(**FMNIST_CFG),
     "attnzoo_crossvit_tiny.untrained": _cfg(),
     "attnzoo_crossvit_small.untrained": _cfg(),
-}))
+})
 
 
 @register_model

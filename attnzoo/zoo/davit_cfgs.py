@@ -5,12 +5,12 @@ They are registered from this module: timm keys a model's family by its module's
 
 from __future__ import annotations
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 
 from attnzoo.zoo._builder import FMNIST_CFG, zoo_cfg
 from attnzoo.zoo.convert import checkpoint_filter_fn
 from attnzoo.zoo.davit import DaVit
-from attnzoo.zoo.pretrained import with_shipped
+from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 
 
 def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
@@ -30,12 +30,12 @@ def _cfg(**kwargs) -> dict:
     })
 
 
-default_cfgs = generate_default_cfgs(with_shipped({
+default_cfgs = default_cfgs_with_shipped({
     # mini at 28 px: maps 14, 7, 4; min_input_size is the data's 28 (the model takes >= 25 px)
     "attnzoo_davit_mini.untrained": _cfg(**FMNIST_CFG, pool_size=(4, 4), min_input_size=FMNIST_CFG["input_size"]),
     "attnzoo_davit_tiny.untrained": _cfg(),
     "attnzoo_davit_small.untrained": _cfg(),
-}))
+})
 
 _MINI = dict(embed_dims=(32, 64, 128), depths=(1, 2, 1), num_heads=(1, 2, 4), window_size=(7, 7, 4), stem_stride=2,
              down_kernel_size=3)

@@ -22,7 +22,7 @@ import math
 from dataclasses import replace
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.byoanet import model_cfgs as timm_byoanet_cfgs
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, expand_blocks_cfg, interleave_blocks
 from torch import Tensor
@@ -31,7 +31,7 @@ from attnzoo.blocks import HaloAttention
 from attnzoo.blocks.factory import GridRule
 from attnzoo.zoo._builder import FMNIST_CFG, zoo_cfg
 from attnzoo.zoo.convert import checkpoint_filter_fn
-from attnzoo.zoo.pretrained import with_shipped
+from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 
 __all__ = ["HaloNet", "model_cfgs"]
 
@@ -160,11 +160,11 @@ def _cfg(**kwargs) -> dict:
     })
 
 
-default_cfgs = generate_default_cfgs(with_shipped({
+default_cfgs = default_cfgs_with_shipped({
     "attnzoo_halonet26t.untrained": _cfg(input_size=(3, 256, 256), pool_size=(8, 8), min_input_size=(3, 256, 256)),
     "attnzoo_halonet_tiny.untrained": _cfg(input_size=(3, 128, 128), pool_size=(4, 4), min_input_size=(3, 64, 64)),
     "attnzoo_halonet_mini.untrained": _cfg(**FMNIST_CFG, pool_size=(7, 7), min_input_size=FMNIST_CFG["input_size"]),
-}))
+})
 
 
 @register_model

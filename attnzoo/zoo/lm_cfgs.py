@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import generate_default_cfgs
-
-from attnzoo.zoo.pretrained import with_shipped
+from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 
 # size -> model arguments; max_len is the context length (learned positions).
 LM_SIZES: dict[str, dict[str, Any]] = {
@@ -69,6 +67,6 @@ def _cfg(mixer: str, size: str) -> dict[str, Any]:
     )
 
 
-default_cfgs = generate_default_cfgs(with_shipped({
+default_cfgs = default_cfgs_with_shipped({
     f"attnzoo_lm_{mixer}_{size}.untrained": _cfg(mixer, size) for mixer in LM_MIXERS for size in LM_SIZES
-}))
+})

@@ -37,14 +37,14 @@ from timm.layers import (
     calculate_drop_path_rates,
     get_device_dtype,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from attnzoo.blocks import NeighborhoodAttention2d
 from attnzoo.blocks.factory import GridRule
 from attnzoo.zoo._builder import FMNIST_CFG, zoo_cfg
-from attnzoo.zoo.pretrained import with_shipped
+from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 
 __all__ = ["Nat", "NatBlock", "dinat_dilations"]
 
@@ -432,14 +432,14 @@ def _cfg(paper: str, **kwargs) -> dict:
 # min_input_size: the smallest accepted image (mini: 25 px, 27 for DiNAT at img_size=28; kept at the data's 28).
 _MINI_CFG = dict(FMNIST_CFG, pool_size=(4, 4), min_input_size=FMNIST_CFG["input_size"])
 
-default_cfgs = generate_default_cfgs(with_shipped({
+default_cfgs = default_cfgs_with_shipped({
     "attnzoo_nat_mini.untrained": _cfg("nat", **_MINI_CFG),
     "attnzoo_nat_tiny.untrained": _cfg("nat", min_input_size=(3, 193, 193)),
     "attnzoo_nat_small.untrained": _cfg("nat", min_input_size=(3, 193, 193)),
     "attnzoo_dinat_mini.untrained": _cfg("dinat", **_MINI_CFG),
     "attnzoo_dinat_tiny.untrained": _cfg("dinat", min_input_size=(3, 221, 221)),  # at the default img_size=224
     "attnzoo_dinat_small.untrained": _cfg("dinat", min_input_size=(3, 221, 221)),
-}))
+})
 
 _MINI = dict(embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), kernel_size=(7, 7, 4), stem_stride=2, mlp_ratio=3.0)
 _TINY = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0)  # NAT-Tiny / DiNAT-Tiny

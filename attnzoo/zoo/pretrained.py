@@ -1,13 +1,15 @@
 """The checkpoints shipped inside the package: fp16 safetensors with a model card, in ``attnzoo/zoo/weights/``.
 
     timm.create_model("attnzoo_nat_mini.fmnist", pretrained=True)   # offline: the file is in the package
+    timm.create_model("attnzoo_nat_mini", pretrained=True)          # the same: its default tag
     card("attnzoo_nat_mini.fmnist")  # recipe, data, metrics, sha256, the pretrained cfg, the task's data_info
 
 A shipped checkpoint is two files named after the model and tag: ``<model>.<tag>.safetensors`` (the weights,
 float16) and ``<model>.<tag>.json`` (its card). ``attnzoo.train.publish`` writes both from a recipe in
-``configs/``. Every family wraps its cfg table in ``with_shipped``, which files each shipped checkpoint of its
-models as the model's default tag: the model's cfg with timm's ``file`` pointed at the weights and the data's
-fields (classes, input size, mean/std, label names) from the card (``shipped_cfg``).
+``configs/``. Every family builds its cfg table with ``default_cfgs_with_shipped``, which files each shipped
+checkpoint of its models as a tag (the default one where it keeps the model's classes and input size): the
+model's cfg with timm's ``file`` pointed at the weights and the data's fields (classes, input size, mean/std,
+label names) from the card (``shipped_cfg``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,19 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from timm.models import generate_default_cfgs
+
 __all__ = [
-    "CARD_KEYS", "WEIGHTS_DIR", "card", "card_path", "sha256_of", "shipped_cfg", "shipped_data_info", "shipped_names",
-    "weights_path", "with_shipped",
+    "CARD_KEYS",
+    "WEIGHTS_DIR",
+    "card",
+    "card_path",
+    "default_cfgs_with_shipped",
+    "sha256_of",
+    "shipped_cfg",
+    "shipped_data_info",
+    "shipped_names",
+    "weights_path",
 ]  # fmt: skip
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -82,15 +94,33 @@ def shipped_data_info(file: str | Path) -> dict[str, Any] | None:
     return card(path.stem)["data_info"]
 
 
-def with_shipped(cfgs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A family's cfg table (``"<model>.<tag>"`` -> cfg) with its models' shipped checkpoints added in front, so
-    that each becomes its model's default tag; a shipped cfg is the model's first cfg updated by ``shipped_cfg``."""
-    base: dict[str, dict[str, Any]] = {}
+def default_cfgs_with_shipped(cfgs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """timm's ``generate_default_cfgs`` of a family's cfg table (``"<model>.<tag>"`` -> cfg) with its models' shipped
+    checkpoints added as tags; a shipped cfg is the model's first cfg updated by ``shipped_cfg`` (its notes kept, the
+    checkpoint's appended).
+
+    A shipped tag becomes its model's default tag when it keeps what ``create_model(model)`` builds (the same
+    ``num_classes`` and ``input_size`` as the model's first cfg: timm takes those defaults from the default tag even
+    without ``pretrained``); otherwise the model's own first tag stays the default and the checkpoint is named
+    explicitly (``attnzoo_seqenc_tiny.waves``)."""
+    base: dict[str, tuple[str, dict[str, Any]]] = {}
     for key, cfg in cfgs.items():
-        base.setdefault(key.split(".", 1)[0], cfg)
-    shipped = {name: {**base[model], **shipped_cfg(name)}
-               for name in shipped_names() if (model := name.split(".", 1)[0]) in base}  # fmt: skip
-    return {**shipped, **cfgs}
+        base.setdefault(key.split(".", 1)[0], (key.split(".", 1)[1], cfg))
+    shipped, keep_default = {}, []
+    for name in shipped_names():
+        model = name.split(".", 1)[0]
+        if model not in base:
+            continue
+        own_tag, own = base[model]
+        extra = shipped_cfg(name)
+        shipped[name] = {**own, **extra, "notes": (*own.get("notes", ()), *extra["notes"])}
+        if any(shipped[name].get(k) != own.get(k) for k in ("num_classes", "input_size")):
+            keep_default.append((model, own_tag))
+    out = generate_default_cfgs({**cfgs, **shipped})  # timm: the first tag with weights becomes the default
+    for model, own_tag in keep_default:
+        out[model].tags.remove(own_tag)
+        out[model].tags.appendleft(own_tag)
+    return out
 
 
 def sha256_of(path: Path) -> str:

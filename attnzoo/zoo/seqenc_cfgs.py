@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import generate_default_cfgs
-
 from attnzoo.zoo.lm_cfgs import sequence_cfg
-from attnzoo.zoo.pretrained import with_shipped
+from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 
 # size -> model arguments; max_len is the longest series in steps (learned positions of max_len / patch_size patches).
 SEQENC_SIZES: dict[str, dict[str, Any]] = {
@@ -35,6 +33,4 @@ def _cfg(size: str) -> dict[str, Any]:
     )
 
 
-default_cfgs = generate_default_cfgs(
-    with_shipped({f"attnzoo_seqenc_{size}.untrained": _cfg(size) for size in SEQENC_SIZES})
-)
+default_cfgs = default_cfgs_with_shipped({f"attnzoo_seqenc_{size}.untrained": _cfg(size) for size in SEQENC_SIZES})

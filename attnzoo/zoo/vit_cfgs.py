@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.models import generate_default_cfgs
 
 from attnzoo.zoo._builder import FMNIST_CFG, zoo_cfg
-from attnzoo.zoo.pretrained import with_shipped
+from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 
 
 def _cfg(img_size: int, patch_size: int, **kwargs: Any) -> dict[str, Any]:
@@ -29,9 +28,9 @@ def _cfg(img_size: int, patch_size: int, **kwargs: Any) -> dict[str, Any]:
     })
 
 
-default_cfgs = generate_default_cfgs(with_shipped({
+default_cfgs = default_cfgs_with_shipped({
     "attnzoo_vit_tiny.untrained": _cfg(224, 16),
     "attnzoo_vit_small.untrained": _cfg(224, 16),
     "attnzoo_vit_tiny_patch4_28.untrained": _cfg(28, 4, **FMNIST_CFG),
     **{f"attnzoo_vit_mini{v}.untrained": _cfg(28, 4, **FMNIST_CFG) for v in ("", "_moh", "_linear")},
-}))
+})

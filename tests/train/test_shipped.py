@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from attnzoo.train.cli import AttnzooCLI
-from attnzoo.zoo.pretrained import CARD_KEYS, card, sha256_of, shipped_names, weights_path, with_shipped
+from attnzoo.zoo.pretrained import CARD_KEYS, card, default_cfgs_with_shipped, sha256_of, shipped_names, weights_path
 
 SHIPPED = shipped_names()
 # (metric, bound): the subset's metric must be at least card - bound (accuracy) or at most card + bound (bpc).
@@ -38,9 +38,9 @@ def test_card_and_weights_file(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_timm_loads_it_offline_as_the_default_tag(name):
+def test_timm_loads_it_offline(name):
     model_name, tag = name.split(".")
-    model = timm.create_model(model_name, pretrained=True)  # no tag: the shipped one is the default
+    model = timm.create_model(name, pretrained=True)
     assert model.pretrained_cfg["tag"] == tag
     state = load_file(weights_path(name))
     loaded = model.state_dict()
@@ -51,6 +51,17 @@ def test_timm_loads_it_offline_as_the_default_tag(name):
     if "num_classes" in cfg:
         assert model.num_classes == cfg["num_classes"]
         assert list(model.pretrained_cfg["label_names"]) == cfg["label_names"]
+    # the default tag where the checkpoint keeps the model's default build (classes, input size)
+    default = timm.create_model(model_name, device="meta")
+    keeps_build = all(default.pretrained_cfg.get(k) == model.pretrained_cfg.get(k) for k in ("num_classes",
+                                                                                            "input_size"))
+    assert (default.pretrained_cfg["tag"] == tag) == keeps_build
+
+
+def test_fashion_mnist_checkpoints_are_default_tags_and_others_keep_the_default_build():
+    assert timm.create_model("attnzoo_nat_mini", pretrained=True).pretrained_cfg["tag"] == "fmnist"
+    forecaster = timm.create_model("attnzoo_seqenc_tiny", horizon=4, device="meta")  # the 4-class card is no default
+    assert forecaster.pretrained_cfg["tag"] == "untrained" and forecaster.num_classes == 0
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -72,14 +83,17 @@ def test_card_metric_reproduced_on_a_test_subset(name, tmp_path):
             assert result[metric] <= bound, (metric, result[metric], c["metrics"][metric])
 
 
-def test_with_shipped_puts_shipped_tags_first_with_the_card_fields():
-    name = SHIPPED[0]
-    model_name = name.split(".")[0]
-    table = with_shipped({f"{model_name}.untrained": {"num_classes": 1000, "pool_size": (7, 7)}, "other.x": {}})
-    assert next(iter(table)) == name
-    assert table[name]["pool_size"] == (7, 7)  # the model's own cfg fields stay
-    assert table[name]["file"] == str(weights_path(name))
-    assert "attnzoo_unknown.x" not in with_shipped({"attnzoo_unknown.untrained": {}})
+def test_default_cfgs_with_shipped_files_tags_with_the_card_fields():
+    name = "attnzoo_nat_mini.fmnist"
+    fmnist = {"num_classes": 10, "input_size": (1, 28, 28), "pool_size": (7, 7), "notes": ("family note",)}
+    table = default_cfgs_with_shipped({"attnzoo_nat_mini.untrained": fmnist, "other.x": {}})["attnzoo_nat_mini"]
+    assert list(table.tags) == ["fmnist", "untrained"]  # same classes and input size: the default tag
+    cfg = table.cfgs["fmnist"]
+    assert cfg.pool_size == (7, 7) and cfg.notes[0] == "family note"  # the model's own cfg stays
+    assert cfg.file == str(weights_path(name)) and "trained by attnzoo" in cfg.notes[1]
+    imagenet = default_cfgs_with_shipped({"attnzoo_nat_mini.untrained": {**fmnist, "num_classes": 1000}})
+    assert list(imagenet["attnzoo_nat_mini"].tags) == ["untrained", "fmnist"]  # another build: named explicitly
+    assert "attnzoo_unknown" in default_cfgs_with_shipped({"attnzoo_unknown.untrained": {}})
 
 
 def test_unknown_checkpoint_names_the_shipped_ones():
