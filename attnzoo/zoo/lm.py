@@ -39,6 +39,7 @@ from attnzoo.blocks.moh import auxiliary_loss
 from attnzoo.blocks.neighborhood import NeighborhoodAttention1d
 from attnzoo.kernels import attention
 from attnzoo.kernels.validate import check_choice
+from attnzoo.zoo._builder import init_linears
 from attnzoo.zoo.lm_cfgs import LM_MIXERS, LM_SIZES, default_cfgs  # noqa: F401  (register_model reads default_cfgs)
 from attnzoo.zoo.pretrained import shipped_data_info
 
@@ -140,11 +141,7 @@ class SequenceBackbone(nn.Module):
     def init_weights(self) -> None:
         """trunc-normal(0.02) positions and linear weights, zero biases."""
         trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

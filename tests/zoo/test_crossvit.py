@@ -13,7 +13,7 @@ from attnzoo.zoo.convert import load_converted
 from attnzoo.zoo.crossvit import CrossVit, MultiScaleBlock, crossvit_rules
 from tests.blocks.helpers import assert_matches_formula, randomize
 from tests.kernels.helpers import rel_err
-from tests.zoo.test_davit import run_against_float64
+from tests.zoo.helpers import run_against_float64
 
 
 @pytest.mark.parametrize(("name", "channels", "reductions"), [

@@ -14,6 +14,7 @@ from attnzoo.kernels.neighborhood import na2d
 from attnzoo.zoo.davit import DaVit, DaVitBlock, WindowAttention2d, davit_rules
 from tests.blocks.helpers import assert_matches_formula, randomize
 from tests.kernels.helpers import rel_err
+from tests.zoo.helpers import run_against_float64
 
 # name -> (reductions, channels, heads, blocks per stage); mini runs for real, the others on the meta device
 MODELS = {
@@ -107,18 +108,6 @@ def test_block_halves_match_explicit_composition(mixer):
     blk = randomize(DaVitBlock(16, 2, mixer, window_size=3, mlp_ratio=2.0))
     x = torch.randn(2, 7, 5, 16)  # 7x5 map: 3x3 windows shifted at both far borders
     assert_matches_formula(blk, [x], lambda p, t: _block(p, t, mixer, 2, 3))
-
-
-def run_against_float64(model, ref, x):
-    """``model(x)`` and ``ref`` (moved to float64) on ``x`` in float64, both backpropagated from one random output
-    gradient: (out, ref_out, {name: grad} of model, {name: grad} of ref)."""
-    out = model(x)
-    expected = ref.double()(x.double())
-    g = torch.randn_like(out)
-    out.backward(g)
-    expected.backward(g.double())
-    grads, ref_grads = ({n: p.grad for n, p in m.named_parameters()} for m in (model, ref))
-    return out, expected, grads, ref_grads
 
 
 def test_timm_davit_checkpoint_same_logits_and_gradients_float64(tmp_path):
