@@ -37,9 +37,11 @@ test: $(STAMP) data
 	$(BIN)/python -m pytest -n 2 -q tests
 
 # The shipped checkpoints (attnzoo/zoo/weights): recipe:tag pairs, each trained and measured by
-# attnzoo.train.publish on this machine's CPU (see the model cards for the times).
+# attnzoo.train.publish on this machine's CPU (see the model cards for the times). The detector starts from the
+# nat_mini checkpoint, so it comes after that one.
 CHECKPOINTS := series/classify:waves fmnist/crossvit_mini:fmnist fmnist/vit_linear:fmnist fmnist/vit_moh:fmnist \
-	text/lm_char:pydoc fmnist/nat_mini:fmnist fmnist/davit_mini:fmnist fmnist/halonet_mini:fmnist
+	text/lm_char:pydoc fmnist/nat_mini:fmnist fmnist/davit_mini:fmnist fmnist/halonet_mini:fmnist \
+	det/fcos_nat_mini:fmnist
 
 checkpoints: $(STAMP) data
 	@for pair in $(CHECKPOINTS); do \

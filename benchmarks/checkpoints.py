@@ -1,6 +1,7 @@
 """The shipped checkpoints (``attnzoo.zoo.pretrained``): their card metrics and CPU inference throughput.
 
-Each checkpoint is loaded with ``timm.create_model(name, pretrained=True)`` (offline, from the package) and timed
+Each checkpoint is loaded with ``timm.create_model(name, pretrained=True)`` (offline, from the package; a detector
+with ``attnzoo.zoo.detection.shipped.load_detector``) and timed
 on an eval forward under ``no_grad``: fp32, batch 8, 2 threads, median of interleaved rounds. Inputs per task:
 images at the card's input size (img/s), token windows of the card's ``block_size`` (sequences/s and tokens/s),
 series of the recipe's length (series/s). Writes the ``checkpoints — cpu`` section of docs/benchmarks.md and
@@ -18,6 +19,7 @@ import timm
 import torch
 from _timing import bench_interleaved, format_info, fwd_closure, machine_info, markdown_table, write_rows
 
+from attnzoo.zoo.detection.shipped import load_detector, shipped_detectors
 from attnzoo.zoo.pretrained import card, shipped_names
 
 SERIES_LENGTH = 128  # the composed series of configs/series/classify.yaml
@@ -34,7 +36,7 @@ def example_input(c: dict, batch: int) -> tuple[torch.Tensor, str, int]:
 
 
 def metric_cells(metrics: dict) -> str:
-    keys = [k for k in ("test_acc", "test_bpc") if k in metrics]
+    keys = [k for k in ("test_acc", "test_bpc", "test_map_50", "test_map") if k in metrics]
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in shipped_names():
         c = card(name)
-        model = timm.create_model(name, pretrained=True).eval()
+        model = load_detector(name) if name in shipped_detectors() else timm.create_model(name, pretrained=True).eval()
         x, unit, per_input = example_input(c, args.batch)
         t = bench_interleaved({"model": fwd_closure(model, x)}, warmup=2, reps=args.reps, device="cpu")["model"]
         rate = args.batch / (t["median_ms"] / 1e3)
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     header = ["checkpoint", "task", "params (M)", "metric (card)", f"CPU speed (batch {args.batch})", "recipe"]
     print(markdown_table(header, rows))
     if not args.no_write:
-        notes = (f"`timm.create_model(name, pretrained=True)` from the package; fp32 eval forward, batch {args.batch}, "
+        notes = (f"`timm.create_model(name, pretrained=True)` (detectors: `load_detector(name)`) from the package; "
+                 f"fp32 eval forward, batch {args.batch}, "
                  f"{args.threads} threads, median of interleaved rounds. Metrics from the model cards (measured by "
                  "`attnzoo.train.publish` on the full test split with the shipped fp16 weights).")
         print(f"wrote {write_rows('checkpoints — cpu', header, rows, info, notes=notes)} ({format_info(info)})")

@@ -70,10 +70,11 @@ class RowPlan(NamedTuple):
     rows: torch.Tensor
 
 
-def row_plan(gates: torch.Tensor, max_fraction: float = 0.75) -> RowPlan | None:
+def row_plan(gates: torch.Tensor, max_fraction: float = 0.5) -> RowPlan | None:
     """Plan for gates (B, H, N): sequences with more than ``max_fraction`` of their rows active (e.g. MoH's
     shared heads) are computed whole, the others only on their active rows; None when no sequence is sparse
-    (gathering would then cost more than it saves)."""
+    (gathering would then cost more than it saves). On CPU, gathering the rows of routed heads with 2/3 of the
+    rows active was slower than ATen's flash kernel over every row (``benchmarks/moh.py``), hence one half."""
     counts = (gates != 0).reshape(-1, gates.shape[-1]).sum(-1)
     dense = counts > max_fraction * gates.shape[-1]
     if bool(dense.all()):

@@ -1,13 +1,17 @@
 """Train a recipe and ship the result as a package checkpoint (``attnzoo/zoo/weights/``, see
-``attnzoo.zoo.pretrained``): fp16 safetensors of the backbone and its model card.
+``attnzoo.zoo.pretrained``): fp16 safetensors of the backbone (a detector: the whole detector) and its model card.
 
     python -m attnzoo.train.publish --config configs/fmnist/nat_mini.yaml --tag fmnist [--out runs/publish]
-        [any attnzoo fit option, e.g. --trainer.max_epochs 4]
+        [--resume runs/.../last.ckpt] [any attnzoo fit option, e.g. --trainer.max_epochs 4]
 
 The weights are the run's final weights rounded to float16; the card's metrics are measured with those
 rounded weights, on the DataModule's validation and test splits, so that ``attnzoo validate`` /
 ``attnzoo test`` with ``--model.init_args.model_name <model>.<tag> --model.init_args.pretrained true``
-reproduce them once the family's cfg table lists the tag (``shipped_cfg``).
+reproduce them once the family's cfg table lists the tag (``shipped_cfg``); for a detector,
+``--model.init_args.detector_weights <name>``. A detector ships as ``attnzoo_<arch>_<backbone>.<tag>`` with the
+build arguments in its card (``attnzoo.zoo.detection.shipped``); its backbone may start from a pretrained tag.
+``--resume`` continues an interrupted run of the same recipe from its Lightning checkpoint (a finished run's
+checkpoint only restores its weights); the card then records the checkpoint instead of the training time.
 """
 
 from __future__ import annotations
@@ -62,29 +66,48 @@ def _check_registered_architecture(task) -> None:
 
 
 def _metrics(results: list[dict]) -> dict[str, float]:
-    return {k: round(float(v), 6) for r in results for k, v in r.items() if not k.endswith("_loss")}
+    return {k: round(float(v), 6) for r in results for k, v in r.items() if "_loss" not in k}
 
 
-def publish(config: Path, tag: str, out: Path, fit_args: list[str], weights_dir: Path = WEIGHTS_DIR) -> dict:
-    """Fit ``config`` (logs in ``out``), round to fp16, measure, write ``<model>.<tag>.safetensors`` and its card
-    into ``weights_dir``; returns the card."""
+def _shipped_name_and_build(task, tag: str) -> tuple[str, dict]:
+    """The checkpoint's name and, for a detector, the card's ``detector`` entry (what rebuilds it)."""
+    from attnzoo.train.tasks.detection import DetectionTask
+
+    model_name = task.hparams.model_name
+    if model_name.startswith("local-dir:"):
+        raise ValueError(f"model_name={model_name!r}: publish trains a zoo model name, not an export folder")
+    if isinstance(task, DetectionTask):  # the whole detector ships, so its backbone may start from any tag
+        backbone = model_name.split(".", 1)[0]
+        kwargs = {**task.backbone_kwargs(task.data_info), **(task.hparams.model_kwargs or {})}
+        kwargs.pop("features_only")  # create_detector's own
+        build = {"arch": task.hparams.detector, "model_name": backbone, "backbone_kwargs": kwargs,
+                 "num_classes": len(task.data_info["class_names"]),
+                 "detector_kwargs": dict(task.hparams.detector_kwargs or {})}  # fmt: skip
+        return f"attnzoo_{build['arch']}_{backbone.removeprefix('attnzoo_')}.{tag}", {"detector": build}
+    if "." in model_name:
+        raise ValueError(f"model_name={model_name!r}: publish trains a bare zoo model name (no tag)")
+    _check_registered_architecture(task)
+    return f"{model_name}.{tag}", {}
+
+
+def publish(config: Path, tag: str, out: Path, fit_args: list[str], weights_dir: Path = WEIGHTS_DIR,
+            resume: Path | None = None) -> dict:  # fmt: skip
+    """Fit ``config`` (logs in ``out``; from the Lightning checkpoint ``resume`` if given), round to fp16, measure,
+    write ``<name>.safetensors`` and its card ``<name>.json`` into ``weights_dir``; returns the card."""
     from attnzoo.train.cli import AttnzooCLI
 
     cli = AttnzooCLI(args=["--config", str(config), "--trainer.default_root_dir", str(out), *fit_args], run=False)
     trainer, task, data = cli.trainer, cli.model, cli.datamodule
-    model_name = task.hparams.model_name
-    if "." in model_name or model_name.startswith("local-dir:"):
-        raise ValueError(f"model_name={model_name!r}: publish trains a bare zoo model name (no tag, no folder)")
-    name = f"{model_name}.{tag}"
-    _check_registered_architecture(task)
+    name, build = _shipped_name_and_build(task, tag)
     t0 = time.perf_counter()
-    trainer.fit(task, datamodule=data)
+    trainer.fit(task, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - t0
     state = _rounded_to_fp16(task.model)
     metrics = {**_metrics(trainer.validate(task, datamodule=data)), **_metrics(trainer.test(task, datamodule=data))}
 
     weights_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, weights_path(name, weights_dir), metadata={"format": "pt", "name": name})
+    # one metadata key: safetensors writes a map in random order, and the card's sha256 must be reproducible
+    save_file(state, weights_path(name, weights_dir), metadata={"format": "pt"})
     card = {
         "name": name,
         "task": type(task).__name__,
@@ -97,12 +120,14 @@ def publish(config: Path, tag: str, out: Path, fit_args: list[str], weights_dir:
         "dtype": "float16",
         "sha256": sha256_of(weights_path(name, weights_dir)),
         "training": {
-            "epochs": trainer.current_epoch, "steps": trainer.global_step, "seconds": round(seconds, 1),
+            "epochs": trainer.current_epoch, "steps": trainer.global_step,
+            **({"resumed_from": str(resume)} if resume else {"seconds": round(seconds, 1)}),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "seed": cli.config.seed_everything,
         },
         "pretrained_cfg": card_cfg(task.data_info),
         "data_info": task.data_info,
+        **build,
     }
     card_path(name, weights_dir).write_text(json.dumps(card, indent=1) + "\n")
     return card
@@ -114,8 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=Path, required=True, help="the recipe (an attnzoo fit config)")
     p.add_argument("--tag", required=True, help="pretrained tag: the checkpoint is <model_name>.<tag>")
     p.add_argument("--out", type=Path, default=Path("runs/publish"), help="folder for the run's logs")
+    p.add_argument("--resume", type=Path, help="a Lightning checkpoint of a run of this recipe to continue")
     args, rest = p.parse_known_args(argv)
-    card = publish(args.config, args.tag, args.out / f"{args.config.stem}.{args.tag}", rest)
+    card = publish(args.config, args.tag, args.out / f"{args.config.stem}.{args.tag}", rest, resume=args.resume)
     print(json.dumps({k: card[k] for k in ("name", "metrics", "params", "sha256", "training")}, indent=1))
 
 

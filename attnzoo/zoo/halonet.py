@@ -31,6 +31,7 @@ from attnzoo.blocks import HaloAttention
 from attnzoo.blocks.factory import GridRule
 from attnzoo.zoo._builder import FMNIST_CFG, zoo_cfg
 from attnzoo.zoo.convert import checkpoint_filter_fn
+from attnzoo.zoo.folded_conv import fold_batchnorm_in_eval
 from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 
 __all__ = ["HaloNet", "model_cfgs"]
@@ -84,7 +85,8 @@ def _checked_image(x: Tensor, multiple: int, needs: str) -> Tensor:
 
 class HaloNet(ByobNet):
     """timm's ``ByobNet`` whose self-attention blocks are attnzoo ``HaloAttention``s, with an up-front image-size
-    check and ``no_weight_decay``.
+    check and ``no_weight_decay``. For speed, the images go through the network channels-last (memory layout only:
+    shapes stay NCHW), and in eval mode every conv's BatchNorm is folded into it (``folded_conv``).
 
     Args:
         cfg: the architecture (a ``ByoModelCfg`` whose ``self_attn_layer`` is ``HaloAttention``).
@@ -103,6 +105,7 @@ class HaloNet(ByobNet):
         if attn_backend is not None:
             cfg = replace(cfg, self_attn_kwargs={**cfg.self_attn_kwargs, "backend": attn_backend})
         super().__init__(cfg, output_stride=output_stride, **kwargs)
+        fold_batchnorm_in_eval(self)
         self.attn_name = "halo"
         self.image_multiple, self._needs = self._halo_image_multiple(cfg, output_stride)
 
@@ -130,11 +133,15 @@ class HaloNet(ByobNet):
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         """``ByobNet.forward_intermediates`` after the image-size check."""
-        return super().forward_intermediates(_checked_image(x, self.image_multiple, self._needs), *args, **kwargs)
+        return super().forward_intermediates(self._checked_input(x), *args, **kwargs)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, num_features, H / 32, W / 32); H and W multiples of ``image_multiple``."""
-        return super().forward_features(_checked_image(x, self.image_multiple, self._needs))
+        return super().forward_features(self._checked_input(x))
+
+    def _checked_input(self, x: Tensor) -> Tensor:
+        # channels-last: the convs' fast CPU layout, and the halo op's (B, H, W, C) token layout
+        return _checked_image(x, self.image_multiple, self._needs).contiguous(memory_format=torch.channels_last)
 
 
 # Default features_only levels: the stem and every stage that changes the stride (the mini model strides once).
@@ -163,7 +170,8 @@ def _cfg(**kwargs) -> dict:
 default_cfgs = default_cfgs_with_shipped({
     "attnzoo_halonet26t.untrained": _cfg(input_size=(3, 256, 256), pool_size=(8, 8), min_input_size=(3, 256, 256)),
     "attnzoo_halonet_tiny.untrained": _cfg(input_size=(3, 128, 128), pool_size=(4, 4), min_input_size=(3, 64, 64)),
-    "attnzoo_halonet_mini.untrained": _cfg(**FMNIST_CFG, pool_size=(7, 7), min_input_size=FMNIST_CFG["input_size"]),
+    "attnzoo_halonet_mini.untrained": _cfg(**FMNIST_CFG, pool_size=(7, 7), min_input_size=FMNIST_CFG["input_size"],
+                                           first_conv="stem.conv"),  # its plain stem: one conv
 })
 
 

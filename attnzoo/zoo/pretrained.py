@@ -109,7 +109,7 @@ def default_cfgs_with_shipped(cfgs: dict[str, dict[str, Any]]) -> dict[str, Any]
     shipped, keep_default = {}, []
     for name in shipped_names():
         model = name.split(".", 1)[0]
-        if model not in base:
+        if model not in base or "detector" in _read_card(name):  # detectors load with their own loader
             continue
         own_tag, own = base[model]
         extra = shipped_cfg(name)

@@ -107,6 +107,20 @@ def test_opcheck(backend, score, request):
     keep = torch.rand(1, 7, device=device) < 0.7
     for key_mask in (None, keep):
         torch.library.opcheck(attention_fwd, (q, k, v, key_mask, None, True, 0.25, score, -1.0, backend))
+    # q, k, v as the blocks make them: views of one packed (B, N, 3, H, D) projection
+    packed = torch.randn(2, 10, 3, 4, 16, device=device).permute(2, 0, 3, 1, 4).requires_grad_()
+    torch.library.opcheck(attention_fwd, (*packed.unbind(0), None, None, False, 0.25, score, -1.0, backend))
+
+
+def test_cpu_output_keeps_the_packed_layout_so_merging_heads_is_a_view():
+    """q/k/v from one packed (B, N, 3, H, D) projection: ATen's output comes back in q's token-major memory order
+    (no copy), so the blocks' ``out.transpose(1, 2).reshape(B, N, H * D)`` copies nothing, as after SDPA."""
+    B, N, H, D = 2, 9, 3, 8
+    q, k, v = torch.randn(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attention(q, k, v, backend="torch")
+    merged = out.transpose(1, 2).reshape(B, N, H * D)
+    assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
+    assert rel_err(out, attention(q, k, v, backend="reference")) < 1e-6
 
 
 def test_compile_fullgraph_torch_path():

@@ -95,7 +95,7 @@ def test_torch_path_chunked_matches_reference(mode, monkeypatch):
     from attnzoo.kernels.attention import torch_impl
 
     monkeypatch.setattr(torch_impl, "_CHUNK_ELEMENTS", 300)
-    monkeypatch.setattr(torch_impl, "_use_aten_flash", lambda q, v, score: False)
+    monkeypatch.setattr(torch_impl, "uses_aten_flash", lambda q, v, score: False)
     _run(mode, 24, torch.float32, "torch", "cpu", monkeypatch)
 
 

@@ -30,6 +30,14 @@ TINY_VIT = ["--model.init_args.model_kwargs", "{embed_dim: 32, depth: 1, num_hea
             "--data.init_args.batch_size", "16"]  # fmt: skip
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
+FCOS_CONFIG = CONFIGS / "det" / "fcos_nat_mini.yaml"
+# 56 x 56 canvases, a few of them, and a fresh attnzoo_nat_mini cut to one 16-channel block per stage.
+TINY_DETECTION_DATA = ["--data.init_args.canvas_size", "56", "--data.init_args.scale_range", "[0.5, 1.5]",
+                       "--data.init_args.train_size", "8", "--data.init_args.val_size", "4",
+                       "--data.init_args.test_size", "4", "--data.init_args.batch_size", "4",
+                       "--model.init_args.pretrained", "false"]  # fmt: skip
+TINY_NAT = "embed_dim: 16, depths: [1, 1, 1], num_heads: [1, 1, 2]"
+
 
 def cli(subcommand: str, root: Path, *args: str) -> AttnzooCLI:
     """``attnzoo <subcommand> ... --trainer.default_root_dir <root>`` in this process, without progress bars."""

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from attnzoo.train.backbone import create_backbone, load_backbone_weights
+from attnzoo.train.backbone import create_backbone
 from attnzoo.train.data.image_files import write_image_file
 from attnzoo.train.export import load_task
+from attnzoo.zoo.weight_files import load_weights
 from tests.train.helpers import HAS_FMNIST, NEEDS_FMNIST_REASON, TINY_VIT, VIT_CONFIG, cli
 
 needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason=NEEDS_FMNIST_REASON)
@@ -51,7 +52,7 @@ def test_weights_of_another_architecture_name_the_keys(tiny_run, tmp_path):
     nat = create_backbone("attnzoo_nat_mini", num_classes=10, in_chans=1)
     with pytest.raises(ValueError, match=r"do not fit the model Nat: \d+ missing keys \[.*\]; \d+ unexpected keys "
                                          r"\[.*blocks\.0\.attn\.qkv\.weight"):  # fmt: skip
-        load_backbone_weights(nat, ckpt)
+        load_weights(nat, ckpt)
     # the same through the CLI's weights= option
     with pytest.raises(ValueError, match=r"missing keys .*unexpected keys"):
         cli("fit", tmp_path, "--config", str(VIT_CONFIG), "--model.init_args.model_name", "attnzoo_nat_mini",
@@ -63,7 +64,7 @@ def test_weights_with_other_shapes_name_them(tmp_path):
     b = create_backbone("attnzoo_vit_tiny_patch4_28", num_classes=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
     torch.save(a.state_dict(), tmp_path / "a.pth")
     with pytest.raises(ValueError, match=r"2 shape mismatches \[head\.weight: \(10, 32\) vs \(7, 32\), head\.bias"):
-        load_backbone_weights(b, tmp_path / "a.pth")
+        load_weights(b, tmp_path / "a.pth")
 
 
 @needs_fmnist

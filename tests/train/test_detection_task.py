@@ -4,14 +4,8 @@ with the mAP metrics, tests, and predicts boxes (printed and drawn)."""
 import pytest
 
 from attnzoo.train.tasks import DetectionTask
-from tests.train.helpers import CONFIGS, HAS_FMNIST, NEEDS_FMNIST_REASON, cli
+from tests.train.helpers import FCOS_CONFIG, HAS_FMNIST, NEEDS_FMNIST_REASON, TINY_DETECTION_DATA, TINY_NAT, cli
 
-FCOS_CONFIG = CONFIGS / "det" / "fcos_nat_mini.yaml"
-# 56 x 56 canvases, a few of them, and attnzoo_nat_mini cut to one 16-channel block per stage.
-TINY_DATA = ["--data.init_args.canvas_size", "56", "--data.init_args.scale_range", "[0.5, 1.5]",
-             "--data.init_args.train_size", "8", "--data.init_args.val_size", "4", "--data.init_args.test_size", "4",
-             "--data.init_args.batch_size", "4"]  # fmt: skip
-BACKBONE = "embed_dim: 16, depths: [1, 1, 1], num_heads: [1, 1, 2]"
 DETECTORS = {
     "fcos": ("[1, 2]", "{fpn_channels: 32, extra_blocks: pool}"),
     "retinanet": ("[1, 2]", "{fpn_channels: 32}"),
@@ -26,8 +20,8 @@ MAP_KEYS = {"map", "map_50", "map_75", "map_small", "map_medium", "map_large", "
 @pytest.mark.parametrize("arch", DETECTORS)
 def test_detection_task_fit_validate_test_predict(arch, tmp_path):
     levels, options = DETECTORS[arch]
-    args = ["--config", str(FCOS_CONFIG), *TINY_DATA, "--model.init_args.detector", arch,
-            "--model.init_args.model_kwargs", f"{{out_indices: {levels}, {BACKBONE}}}",
+    args = ["--config", str(FCOS_CONFIG), *TINY_DETECTION_DATA, "--model.init_args.detector", arch,
+            "--model.init_args.model_kwargs", f"{{out_indices: {levels}, {TINY_NAT}}}",
             "--model.init_args.detector_kwargs", options]  # fmt: skip
     fit = cli("fit", tmp_path, *args, "--trainer.max_epochs", "1")
     metrics = fit.trainer.callback_metrics
@@ -38,6 +32,11 @@ def test_detection_task_fit_validate_test_predict(arch, tmp_path):
 
     val = cli("validate", tmp_path, *args, "--ckpt_path", ckpt)
     assert val.trainer.callback_metrics["val_loss"] == pytest.approx(metrics["val_loss"].item(), rel=1e-4)
+    terms = [k for k in val.trainer.callback_metrics if k.startswith("val_loss_")]
+    assert len(terms) >= 2 and not any(k.startswith("val_loss_loss") for k in terms), terms
+    # the whole detector from the run's checkpoint file (how a shipped detector is loaded, by name or file)
+    weights = cli("validate", tmp_path, *args, "--model.init_args.detector_weights", ckpt)
+    assert weights.trainer.callback_metrics["val_loss"] == pytest.approx(metrics["val_loss"].item(), rel=1e-4)
     test = cli("test", tmp_path, *args, "--ckpt_path", ckpt)
     assert {f"test_{k}" for k in MAP_KEYS} <= set(test.trainer.callback_metrics)
 
@@ -58,3 +57,5 @@ def test_detection_task_bad_arguments():
         DetectionTask("attnzoo_nat_mini", predict_score_thresh=1.5, data_info=info)
     with pytest.raises(ValueError, match=r"data_info lacks \['in_chans'\]"):
         DetectionTask("attnzoo_nat_mini", data_info={"class_names": ["a"]})
+    with pytest.raises(FileNotFoundError, match=r"weights file nowhere\.safetensors does not exist"):
+        DetectionTask("attnzoo_nat_mini", data_info=info, detector_weights="nowhere.safetensors")

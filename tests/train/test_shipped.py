@@ -1,5 +1,6 @@
-"""The checkpoints shipped in the package (attnzoo/zoo/weights): cards, files, timm loading, and each one's card
-metric reproduced on a fixed part of its test split through the attnzoo CLI (a loose bound)."""
+"""The checkpoints shipped in the package (attnzoo/zoo/weights): cards, files, timm loading (detectors: their own
+loader), and each one's card metric reproduced on a fixed part of its test split through the attnzoo CLI (a loose
+bound)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ import torch
 from safetensors.torch import load_file
 
 from attnzoo.train.cli import AttnzooCLI
+from attnzoo.zoo.detection.shipped import load_detector, shipped_detectors
 from attnzoo.zoo.pretrained import CARD_KEYS, card, default_cfgs_with_shipped, sha256_of, shipped_names, weights_path
 
 SHIPPED = shipped_names()
-# (metric, bound): the subset's metric must be at least card - bound (accuracy) or at most card + bound (bpc).
-LOOSE = {"test_acc": -0.05, "test_bpc": 0.25}
+DETECTORS = shipped_detectors()
+BACKBONES = [n for n in SHIPPED if n not in DETECTORS]  # timm models with a pretrained tag
+# (metric, bound): the subset's metric must be at least card + bound (accuracy, mAP) or at most card + bound (bpc).
+LOOSE = {"test_acc": -0.05, "test_bpc": 0.25, "test_map_50": -0.05}
 TEST_BATCHES = 8
 
 
 def test_at_least_eight_checkpoints_cover_the_families():
     assert len(SHIPPED) >= 8, SHIPPED
     tasks = {card(n)["task"] for n in SHIPPED}
-    assert {"ImageClassifier", "CharLanguageModel", "SeriesClassifier"} <= tasks
+    assert {"ImageClassifier", "CharLanguageModel", "SeriesClassifier", "DetectionTask"} <= tasks
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -37,7 +41,7 @@ def test_card_and_weights_file(name):
     assert sum(v.numel() for v in state.values()) >= c["params"]  # parameters and buffers
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", BACKBONES)
 def test_timm_loads_it_offline(name):
     model_name, tag = name.split(".")
     model = timm.create_model(name, pretrained=True)
@@ -67,8 +71,9 @@ def test_fashion_mnist_checkpoints_are_default_tags_and_others_keep_the_default_
 @pytest.mark.parametrize("name", SHIPPED)
 def test_card_metric_reproduced_on_a_test_subset(name, tmp_path):
     c = card(name)
-    args = ["--config", c["recipe"], "--model.init_args.model_name", name, "--model.init_args.pretrained", "true",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+    weights = (["--model.init_args.detector_weights", name] if name in DETECTORS else
+               ["--model.init_args.model_name", name, "--model.init_args.pretrained", "true"])  # fmt: skip
+    args = ["--config", c["recipe"], *weights, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
             "--trainer.limit_test_batches", str(TEST_BATCHES), "--trainer.enable_progress_bar", "false"]  # fmt: skip
     cli = AttnzooCLI(args=args, run=False)
     (result,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -101,3 +106,26 @@ def test_unknown_checkpoint_names_the_shipped_ones():
         card("attnzoo_nat_mini.nonexistent")
     with pytest.raises(ValueError, match="name='nat_mini'"):
         card("nat_mini")
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_shipped_detector_loads_offline_from_its_card(name):
+    detector = load_detector(name)
+    assert not detector.training
+    state = load_file(weights_path(name))
+    loaded = detector.state_dict()
+    assert state.keys() == loaded.keys()
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in state.items())
+    cfg = card(name)["pretrained_cfg"]
+    assert detector.pretrained_cfg["label_names"] == cfg["label_names"]
+    assert len(cfg["label_names"]) == cfg["num_classes"]
+    x = torch.randn(2, *cfg["input_size"])
+    with torch.no_grad():
+        (first, _), (again, _) = detector(x), detector(x)
+    assert first.keys() == {"boxes", "labels", "scores"} and all(torch.equal(first[k], again[k]) for k in first)
+    assert int(first["labels"].max(initial=0)) < cfg["num_classes"]
+
+
+def test_unknown_detector_names_the_shipped_ones():
+    with pytest.raises(ValueError, match=r"name='attnzoo_nat_mini\.fmnist' is not a shipped detector; shipped: "):
+        load_detector("attnzoo_nat_mini.fmnist")

@@ -17,8 +17,15 @@ _CHUNK_ELEMENTS = 1 << 24
 _HAS_ATEN_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def _use_aten_flash(q: torch.Tensor, v: torch.Tensor, score: str) -> bool:
+def uses_aten_flash(q: torch.Tensor, v: torch.Tensor, score: str) -> bool:
+    """Whether ``attention_fwd`` (without gates) runs ATen's CPU flash kernel (``aten_flash_out_like``)."""
     return _HAS_ATEN_FLASH and q.device.type == "cpu" and score == "softmax" and v.shape[-1] == q.shape[-1]
+
+
+def aten_flash_out_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty tensor laid out as ATen's CPU flash output for ``q`` (B, H, N, D): in q's memory order, e.g.
+    tokens-major (B, N, H, D) for q from a packed qkv projection, so that merging the heads is a view."""
+    return torch.empty_like(_unit_dim(q))
 
 
 def _additive_mask(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -79,17 +86,18 @@ def _grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask=None):
-    """q: (B, H, N, D), k: (B, H_kv, M, D), v: (B, H_kv, M, Dv) -> out (B, H, N, Dv), lse (B, H, N).
+    """q: (B, H, N, D), k: (B, H_kv, M, D), v: (B, H_kv, M, Dv) -> out (B, H, N, Dv), lse (B, H, N), contiguous
+    except ATen's out (``uses_aten_flash``), laid out as ``aten_flash_out_like(q)``: not copied, so that the
+    blocks' ``out.transpose(1, 2).reshape(B, N, H·Dv)`` is a view, as after SDPA.
 
     key_mask: (B, M) bool, True = the key is seen. A query that sees no key outputs 0.
     """
     group = q.shape[1] // k.shape[1]
-    if _use_aten_flash(q, v, score):
+    if uses_aten_flash(q, v, score):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _unit_dim(q), _unit_dim(_expand_kv(k, group)), _unit_dim(_expand_kv(v, group)), 0.0, causal,
             attn_mask=_additive_mask(key_mask, q.dtype), scale=scale)
-        # ATen lays both out heads-second in memory; the op's contract is contiguous (B, H, N, ...).
-        return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+        return out, lse.to(lse_dtype(q.dtype)).contiguous()
     cdt = compute_dtype(q.dtype)
     hkv = k.shape[1]
     qg = _grouped(q, hkv)
@@ -109,7 +117,7 @@ def attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask=None):
 def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask=None):
     """Gradients (dq, dk, dv) recomputed per query chunk from the saved ``lse``."""
     group = q.shape[1] // k.shape[1]
-    if _use_aten_flash(q, v, score):
+    if uses_aten_flash(q, v, score):
         ke, ve = _unit_dim(_expand_kv(k, group)), _unit_dim(_expand_kv(v, group))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do.contiguous(), _unit_dim(q), ke, ve, out, lse.float() if q.dtype != torch.float64 else lse, 0.0, causal,

@@ -10,8 +10,9 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from attnzoo.blocks.moh import auxiliary_loss as moh_auxiliary_loss
-from attnzoo.train.backbone import create_backbone, load_backbone_weights
+from attnzoo.train.backbone import create_backbone
 from attnzoo.train.optim import OptimizerSettings, build_optimization, check_optimizer_settings
+from attnzoo.zoo.weight_files import load_weights
 
 __all__ = ["TaskModule"]
 
@@ -26,7 +27,7 @@ class TaskModule(LightningModule):
             links it in. It is saved with the checkpoint, and a checkpoint only resumes on matching data.
         model_kwargs: more ``timm.create_model`` keyword arguments (``img_size``, ``drop_path_rate``, ...).
         pretrained: load the model's pretrained weights (its tag's, or the export folder's).
-        weights: initialise the backbone from this file instead (see ``backbone.read_state_dict``).
+        weights: initialise the backbone from this file instead (see ``attnzoo.zoo.weight_files.read_state_dict``).
         optimizer: ``OptimizerSettings`` (timm optimizer name, lr, weight decay, schedule, warm-up).
 
     Randomness (dropout, mixup) is reseeded per training batch by the zoo's DataModules (``ZooDataModule``),
@@ -55,7 +56,7 @@ class TaskModule(LightningModule):
             raise ValueError(f"model_kwargs sets {clash}, which the task derives from the data ({derived})")
         self.model = create_backbone(model_name, pretrained=pretrained, **derived, **model_kwargs)
         if weights is not None:
-            load_backbone_weights(self.model, weights)
+            load_weights(self.model, weights)
 
     # --- to implement -------------------------------------------------------------------------------------
     def backbone_kwargs(self, data_info: dict) -> dict:
