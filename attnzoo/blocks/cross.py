@@ -20,15 +20,11 @@ from torch import Tensor, nn
 
 from attnzoo.blocks.qkv import check_block_options, check_heads
 from attnzoo.kernels import attention
+from attnzoo.kernels.validate import check_int
 
 __all__ = ["AttentivePoolingHead", "CrossAttention", "CrossViTFusion", "timm_crossvit_fusion_state_dict"]
 
 Layer = Callable[..., nn.Module]
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
 def _check_tokens(name: str, t: Tensor, width: int, batch: int | None = None) -> None:
@@ -80,7 +76,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         kv_dim = dim if kv_dim is None else kv_dim
         check_heads(dim, num_heads, num_heads)
-        _check_int("kv_dim", kv_dim, 1)
+        check_int("kv_dim", kv_dim, 1)
         if attn_drop != 0.0:
             raise ValueError(
                 f"attn_drop={attn_drop} is not supported: the fused attention kernel does not materialize the "
@@ -264,8 +260,8 @@ class AttentivePoolingHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_int("num_queries", num_queries, 1)
-        _check_int("num_classes", num_classes, 0)
+        check_int("num_queries", num_queries, 1)
+        check_int("num_classes", num_classes, 0)
         if not mlp_ratio >= 0:
             raise ValueError(f"mlp_ratio={mlp_ratio!r} must be >= 0")
         dd = {"device": device, "dtype": dtype}

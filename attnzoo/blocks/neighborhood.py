@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from attnzoo.blocks.moh import make_router
 from attnzoo.blocks.qkv import QKVProjection, check_block_options
 from attnzoo.kernels.neighborhood import na1d, na2d, na3d
-from attnzoo.kernels.validate import per_axis
+from attnzoo.kernels.validate import check_int, per_axis
 
 __all__ = ["NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d"]
 
@@ -188,8 +188,7 @@ def _validate_window(kernel_size: tuple, dilation: tuple, stride: tuple, rel_pos
 
 
 def _validate_rest(num_extra_tokens: int, qk_scale: float | None, proj_drop: float, backend: str | None) -> None:
-    if isinstance(num_extra_tokens, bool) or not isinstance(num_extra_tokens, int) or num_extra_tokens < 0:
-        raise ValueError(f"num_extra_tokens={num_extra_tokens!r} must be an integer >= 0")
+    check_int("num_extra_tokens", num_extra_tokens, 0)
     if qk_scale is not None and (
         isinstance(qk_scale, bool) or not isinstance(qk_scale, int | float) or not 0 < qk_scale < math.inf
     ):

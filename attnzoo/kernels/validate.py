@@ -36,6 +36,12 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {tuple(choices)}")
 
 
+def check_int(name: str, value: object, minimum: int) -> None:
+    """An int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
 def check_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, clip_boxes_to_image
 
 from attnzoo.blocks import CrossAttention, MultiHeadSelfAttention
+from attnzoo.kernels.validate import check_int
 from attnzoo.zoo.detection.set_loss import SetCriterion
 from attnzoo.zoo.detection.transform import DetectionTransform
 
@@ -87,8 +88,7 @@ class DETR(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_queries", num_queries), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+            check_int(name, value, 1)
         if dim % 4:
             raise ValueError(f"dim={dim} must be a multiple of 4 (the 2-D sin-cos position embedding)")
         self.body = body

@@ -10,6 +10,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
+from attnzoo.kernels.validate import check_int
 from attnzoo.zoo.detection.detr import DETR
 from attnzoo.zoo.detection.pyramid import FeaturePyramid
 from attnzoo.zoo.detection.torchvision_detectors import build_faster_rcnn, build_fcos, build_retinanet
@@ -40,8 +41,7 @@ def build_detector(
     "pool", "p6p7" or None); ``kwargs`` go to the builder (``torchvision_detectors``) or to ``DETR``.
     Every detector takes normalized images and labels 0..K-1 and keeps boxes in input-image pixels.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 1")
+    check_int("num_classes", num_classes, 1)
     if arch == "detr":
         return DETR(body, num_classes, **kwargs)
     if arch not in _PYRAMID_DETECTORS:

@@ -14,6 +14,8 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
+from attnzoo.kernels.validate import check_int
+
 __all__ = ["EXTRA_BLOCKS", "FeaturePyramid"]
 
 # Extra levels above the backbone's last one, each at twice the previous stride: "pool" (a max pool, torchvision's
@@ -45,8 +47,7 @@ class FeaturePyramid(nn.Module):
         super().__init__()
         if extra_blocks is not None and extra_blocks not in EXTRA_BLOCKS:
             raise ValueError(f"extra_blocks={extra_blocks!r}; accepted values: {[*EXTRA_BLOCKS, None]}")
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
-            raise ValueError(f"fpn_channels={out_channels!r} must be an integer >= 1")
+        check_int("fpn_channels", out_channels, 1)
         make_extra, extra_names = EXTRA_BLOCKS[extra_blocks] if extra_blocks else (None, ())
         self.body = body
         self.fpn = FeaturePyramidNetwork(
