@@ -13,6 +13,7 @@ from attnzoo.blocks.cross import AttentivePoolingHead, CrossAttention, CrossViTF
 from attnzoo.blocks.halo import HaloAttention
 from attnzoo.blocks.linear import HedgehogFeatureMap, LinearAttention, LinearAttentionState
 from attnzoo.blocks.mhsa import MultiHeadSelfAttention
+from attnzoo.blocks.mlp import Mlp
 from attnzoo.blocks.moh import MoHRouter, auxiliary_loss
 from attnzoo.blocks.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 
@@ -30,6 +31,7 @@ __all__ = [
     "HedgehogFeatureMap",
     "LinearAttention",
     "LinearAttentionState",
+    "Mlp",
     "MoHRouter",
     "MultiHeadSelfAttention",
     "NeighborhoodAttention1d",

@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import Tensor, nn
 
+from attnzoo.blocks.mlp import Mlp
 from attnzoo.blocks.qkv import check_block_options, check_heads
 from attnzoo.kernels import attention
 from attnzoo.kernels.validate import check_int

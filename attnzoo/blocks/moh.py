@@ -58,34 +58,51 @@ class MoHRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         tokens = x.reshape(-1, x.shape[-1])
+        # One GEMM for the (at most three) small gate projections: each alone is a slow, skinny matmul.
+        linears = [m for m in (self.wg, self.wg_1, self.wg_0) if m is not None]
+        weight = linears[0].weight if len(linears) == 1 else torch.cat([m.weight for m in linears])
+        logits = iter(F.linear(tokens, weight).split([m.out_features for m in linears], dim=-1))
+        routed = self._routed(next(logits)) if self.wg is not None else None
         parts = []
         if self.shared_heads:
             shared = tokens.new_ones(tokens.shape[0], 1) if self.wg_1 is None else (
-                F.softmax(self.wg_1(tokens), dim=-1, dtype=torch.float32) * self.shared_heads)
+                F.softmax(next(logits), dim=-1, dtype=torch.float32) * self.shared_heads)
             parts.append(shared.expand(-1, self.shared_heads))
-        if self.wg is not None:
-            parts.append(self._routed(tokens))
+        if routed is not None:
+            parts.append(routed)
         if self.wg_0 is not None:
-            stage = F.softmax(self.wg_0(tokens), dim=-1, dtype=torch.float32) * 2
+            stage = F.softmax(next(logits), dim=-1, dtype=torch.float32) * 2
             parts = [parts[0] * stage[:, :1], parts[1] * stage[:, 1:]]
         gates = torch.cat(parts, dim=-1).to(x.dtype)  # (B·N, H)
         return gates.view(*x.shape[:-1], self.num_heads).movedim(-1, 1)
 
-    def _routed(self, tokens: Tensor) -> Tensor:
-        """Top-k gates over the routed heads (B·N, E); records the load-balance loss when training."""
-        probs = F.softmax(self.wg(tokens), dim=-1, dtype=torch.float32)
-        # A stable sort breaks ties towards the lower head index on every device (topk's tie order is unspecified).
-        top, chosen = (t[..., :self.top_k] for t in probs.sort(dim=-1, descending=True, stable=True))
-        mask = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
-        gates = torch.zeros_like(probs).scatter_(-1, chosen, top / top.sum(-1, keepdim=True)) * self.top_k
+    def _routed(self, logits: Tensor) -> Tensor:
+        """Top-k gates over the routed heads (B·N, E) from their logits; records the load-balance loss when
+        training."""
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        experts = probs.shape[-1]
+        chosen = None if self.top_k == experts else top_k_mask(probs, self.top_k)
+        top = probs if chosen is None else probs * chosen
+        gates = top / top.sum(-1, keepdim=True) * self.top_k
         if self.training:
-            experts = probs.shape[-1]
-            self.aux_loss = self.load_balance_weight * experts**2 * (probs.mean(0) * mask.mean(0)).mean()
+            ce = probs.new_ones(experts) if chosen is None else chosen.mean(0, dtype=probs.dtype)
+            self.aux_loss = self.load_balance_weight * experts**2 * (probs.mean(0) * ce).mean()
         return gates
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, shared_heads={self.shared_heads}, top_k={self.top_k}, "
                 f"load_balance_weight={self.load_balance_weight}")
+
+
+def top_k_mask(probs: Tensor, k: int) -> Tensor:
+    """Mask of the k largest entries of each row of probs (T, E), ties to the lower index (a stable descending
+    sort's order, on every device: topk's tie order is unspecified). Ranks by pairwise comparison: for MoH's
+    few heads, (T, E, E) comparisons cost less than a sort and two scatters."""
+    experts = probs.shape[-1]
+    lower = torch.ones(experts, experts, dtype=torch.bool, device=probs.device).tril(-1)  # [i, j]: j < i
+    p_i, p_j = probs[:, :, None], probs[:, None, :]
+    rank = ((p_j > p_i) | ((p_j == p_i) & lower)).sum(-1)  # heads ahead of head i
+    return rank < k
 
 
 def make_router(moh: dict | None, dim: int, num_heads: int, dd: dict) -> MoHRouter | None:

@@ -34,9 +34,15 @@ def check_gates(gates: torch.Tensor | None, q: torch.Tensor) -> None:
         raise ValueError(f"gates is on {gates.device} but q is on {q.device}")
 
 
-def gate_output(out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """out (B, H, *grid, Dv) scaled by its gates, in out's dtype."""
-    return (out.to(compute_dtype(out.dtype)) * gates[..., None].to(compute_dtype(out.dtype))).to(out.dtype)
+def gate_output(out: torch.Tensor, gates: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """out (B, H, *grid, Dv) scaled by its gates, in out's dtype; written into ``into`` (out's shape and dtype,
+    any memory layout) when given."""
+    cdt = compute_dtype(out.dtype)
+    g = gates[..., None].to(cdt)
+    if out.dtype == cdt:
+        return out * g if into is None else torch.mul(out, g, out=into)
+    gated = (out.to(cdt) * g).to(out.dtype)
+    return gated if into is None else into.copy_(gated)
 
 
 def _inverse(gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -45,10 +51,10 @@ def _inverse(gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def ungated(do: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient, output) of the ungated attention from those of the gated one; zero where the gate is zero."""
+    """(gradient, output) of the ungated attention from those of the gated one; zero where the gate is zero.
+    The gradient is written contiguous: the torch paths' backward kernels read it so (no later copy)."""
     cdt = compute_dtype(out.dtype)
-    g = gates[..., None].to(cdt)
-    do_inner = (do.to(cdt) * g).to(do.dtype)
+    do_inner = gate_output(do, gates, torch.empty(do.shape, dtype=do.dtype, device=do.device))
     out_inner = (out.to(cdt) * _inverse(gates, cdt)[..., None]).to(out.dtype)
     return do_inner, out_inner
 
@@ -56,7 +62,7 @@ def ungated(do: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> tuple[t
 def gates_grad(do: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """d loss / d gates = rowsum(do * ungated out) = rowsum(do * out) / gate, and 0 where the gate is 0."""
     cdt = compute_dtype(out.dtype)
-    rows = (do.to(cdt) * out.to(cdt)).sum(-1)
+    rows = torch.linalg.vecdot(do.to(cdt), out.to(cdt))
     return (rows * _inverse(gates, cdt)).to(gates.dtype)
 
 

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from timm.layers import (
     DropPath,
     LayerNorm2d,
-    Mlp,
     NormMlpClassifierHead,
     calculate_drop_path_rates,
     get_device_dtype,
@@ -56,6 +55,7 @@ from torch import Tensor, nn
 
 from attnzoo.blocks import ChannelSelfAttention, NeighborhoodAttention2d
 from attnzoo.blocks.channel import davit_channel_attention_state_dict
+from attnzoo.blocks.mlp import Mlp
 from attnzoo.blocks.qkv import QKVProjection, check_block_options
 from attnzoo.kernels import attention
 from attnzoo.kernels.validate import check_choice

@@ -28,13 +28,14 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, register_model, resolve_pretrained_cfg
 from torch import Tensor, nn
 
 from attnzoo.blocks.based import BasedMixer
 from attnzoo.blocks.linear import LinearAttention, check_step_token, merge_heads
 from attnzoo.blocks.mhsa import MultiHeadSelfAttention
+from attnzoo.blocks.mlp import Mlp
 from attnzoo.blocks.moh import auxiliary_loss
 from attnzoo.blocks.neighborhood import NeighborhoodAttention1d
 from attnzoo.kernels import attention

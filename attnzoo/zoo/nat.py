@@ -33,7 +33,6 @@ from timm.layers import (
     ClassifierHead,
     DropPath,
     LayerScale,
-    Mlp,
     calculate_drop_path_rates,
     get_device_dtype,
 )
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from attnzoo.blocks import NeighborhoodAttention2d
 from attnzoo.blocks.factory import GridRule
+from attnzoo.blocks.mlp import Mlp
 from attnzoo.zoo._builder import FMNIST_CFG, zoo_cfg
 from attnzoo.zoo.pretrained import default_cfgs_with_shipped
 

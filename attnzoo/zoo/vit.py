@@ -23,13 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from timm.layers import DropPath, LayerNorm, Mlp, PatchEmbed, get_device_dtype, to_2tuple, trunc_normal_
+from timm.layers import DropPath, LayerNorm, PatchEmbed, get_device_dtype, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
 from attnzoo.blocks.factory import GridSizeError, create_attention
+from attnzoo.blocks.mlp import Mlp
 from attnzoo.kernels.validate import check_choice
 from attnzoo.zoo._builder import image_size_error, init_linears
 from attnzoo.zoo.convert import checkpoint_filter_fn, register_converter, vit_rules

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.blocks import HaloAttention, MultiHeadSelfAttention, NeighborhoodAttention2d
-from attnzoo.blocks.moh import MoHRouter, auxiliary_loss
+from attnzoo.blocks.moh import MoHRouter, auxiliary_loss, top_k_mask
 from attnzoo.kernels.attention.reference import attention_reference
 from attnzoo.kernels.halo.reference import halo_reference
 from attnzoo.kernels.neighborhood.reference import na_reference
@@ -77,6 +77,16 @@ def test_ties_are_deterministic():
     gates = router(torch.randn(3, 8))
     assert (gates[:, 2:4] > 0).all() and not gates[:, 4:].any()  # the lowest indices win, every time
     assert torch.equal(router(torch.randn(3, 8)) != 0, gates != 0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_top_k_mask_is_a_stable_sort(k):
+    """Rows with ties inside, across and beyond the cut: the mask picks what a stable descending sort keeps."""
+    torch.manual_seed(0)
+    probs = torch.randint(0, 4, (200, 6)).float() / 4  # few distinct values: ties everywhere
+    chosen = probs.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    expect = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, chosen, True)
+    assert torch.equal(top_k_mask(probs, k), expect)
 
 
 def _gated_formula(blk, x, q, k, v, o_heads, gates):

@@ -112,15 +112,24 @@ def test_opcheck(backend, score, request):
     torch.library.opcheck(attention_fwd, (*packed.unbind(0), None, None, False, 0.25, score, -1.0, backend))
 
 
-def test_cpu_output_keeps_the_packed_layout_so_merging_heads_is_a_view():
+@pytest.mark.parametrize("gated", [None, "every row", "few rows"])
+def test_cpu_output_keeps_the_packed_layout_so_merging_heads_is_a_view(gated):
     """q/k/v from one packed (B, N, 3, H, D) projection: ATen's output comes back in q's token-major memory order
-    (no copy), so the blocks' ``out.transpose(1, 2).reshape(B, N, H * D)`` copies nothing, as after SDPA."""
+    (no copy), so the blocks' ``out.transpose(1, 2).reshape(B, N, H * D)`` copies nothing, as after SDPA; gated
+    outputs too, whether every row was computed or only the active ones (MoH's routed heads)."""
     B, N, H, D = 2, 9, 3, 8
-    q, k, v = torch.randn(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-    out = attention(q, k, v, backend="torch")
+    packed = torch.randn(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k, v = packed.unbind(0)
+    gates = None if gated is None else torch.rand(B, H, N) + 0.5
+    if gated == "few rows":
+        gates[:, 1:, 2:] = 0  # heads 1.. computed on 2 of 9 rows
+    out = attention(q, k, v, gates=gates, backend="torch")
     merged = out.transpose(1, 2).reshape(B, N, H * D)
     assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
-    assert rel_err(out, attention(q, k, v, backend="reference")) < 1e-6
+    assert rel_err(out, attention(q, k, v, gates=gates, backend="reference")) < 1e-6
+    gates_arg = None if gates is None else gates.requires_grad_()
+    torch.library.opcheck(attention_fwd, (*packed.requires_grad_().unbind(0), None, gates_arg, False, 0.25,
+                                          "softmax", -1.0, "torch"))
 
 
 def test_compile_fullgraph_torch_path():

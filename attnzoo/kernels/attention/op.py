@@ -48,7 +48,7 @@ def attention_fwd(
 def _(q, k, v, key_mask, gates, causal, scale, score, sigmoid_bias, backend):
     # The implementations' layouts: contiguous, except ATen's CPU flash output (in q's memory order).
     lse = q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
-    if backend == "torch" and gates is None and torch_impl.uses_aten_flash(q, v, score):
+    if backend == "torch" and torch_impl.uses_aten_flash(q, v, score):
         return torch_impl.aten_flash_out_like(q), lse
     return q.new_empty((*q.shape[:-1], v.shape[-1])), lse
 

@@ -18,7 +18,8 @@ _HAS_ATEN_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_f
 
 
 def uses_aten_flash(q: torch.Tensor, v: torch.Tensor, score: str) -> bool:
-    """Whether ``attention_fwd`` (without gates) runs ATen's CPU flash kernel (``aten_flash_out_like``)."""
+    """Whether ``attention_fwd`` runs ATen's CPU flash kernel: its output (gated or not) is then laid out as
+    ``aten_flash_out_like``."""
     return _HAS_ATEN_FLASH and q.device.type == "cpu" and score == "softmax" and v.shape[-1] == q.shape[-1]
 
 
@@ -189,12 +190,13 @@ def gated_attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask, g
 
     Without a causal mask, (batch, head) sequences with few active rows (MoH's routed heads) are computed only
     on those rows, the rest (e.g. shared heads) whole; a causal mask ties a row to its position, so then every
-    row is computed and gated.
+    row is computed and gated. The output is laid out as ``attention_fwd``'s, whichever rows were computed.
     """
+    dst = aten_flash_out_like(q) if uses_aten_flash(q, v, score) else None
     plan = None if causal else gating.row_plan(gates)
     if plan is None:
         out, lse = attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask)
-        return gating.gate_output(out, gates), lse
+        return gating.gate_output(out, gates, dst), lse
     B, H, N = q.shape[:3]
     qs, ks, vs = _sequences(q, H), _sequences(k, H), _sequences(v, H)
     km = None if key_mask is None else key_mask.repeat_interleave(H, 0)
@@ -206,7 +208,7 @@ def gated_attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask, g
                                  sigmoid_bias, _take(km, index))
             _put(out, index, o, rows)
             _put(lse.view(B * H, N), index, l.view(len(index), -1), rows)
-    return gating.gate_output(out.view(B, H, N, -1), gates), lse.view(B, H, N)
+    return gating.gate_output(out.view(B, H, N, -1), gates, dst), lse.view(B, H, N)
 
 
 def gated_attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key_mask, gates):

@@ -13,12 +13,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-from timm.layers import Mlp
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 from torchvision.ops import box_convert, clip_boxes_to_image
 
 from attnzoo.blocks import CrossAttention, MultiHeadSelfAttention
+from attnzoo.blocks.mlp import Mlp
 from attnzoo.kernels.validate import check_int
 from attnzoo.zoo.detection.set_loss import SetCriterion
 from attnzoo.zoo.detection.transform import DetectionTransform
