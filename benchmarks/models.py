@@ -141,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         notes = (f"fp32, batch {args.batch}, {args.threads} threads, eval forward under `no_grad`; img/s from the "
                  "median of interleaved rounds. **speed-up = ours img/s / timm img/s** (> 1: attnzoo faster). "
                  "GMACs per image from `torch.utils.flop_counter` (attention ops by formula). Same-weight pairs load "
-                 "timm's weights into ours (`attnzoo.zoo.convert`); rel err = ‖ours − timm‖ / ‖timm‖ of the logits.")
+                 "timm's weights into ours (`attnzoo.zoo.convert`); rel err = ‖ours − timm‖ / ‖timm‖ of the logits."
+                 " Where the time differs: the ViT/DaViT/CrossViT pairs run the same ATen kernels (attention: ATen's "
+                 "CPU flash kernel), except that the zoo's MLP applies its GELU in place on fc1's output in inference "
+                 "(no second hidden buffer to allocate and fault in: a large gain at ViT-S's 1536-wide hidden layer, "
+                 "none at ViT-T's 768); HaloNet runs channels-last with each BatchNorm folded into its conv.")
         if args.quick:
             notes += " **--quick smoke-test models, not a measurement.**"
         section = "models — cpu" + (" (quick)" if args.quick else "")
