@@ -87,6 +87,7 @@ def test_top_k_mask_is_a_stable_sort(k):
     chosen = probs.sort(dim=-1, descending=True, stable=True).indices[:, :k]
     expect = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, chosen, True)
     assert torch.equal(top_k_mask(probs, k), expect)
+    assert torch.equal(top_k_mask(probs.t(), k, dim=0), expect.t())  # heads-first, as the router calls it
 
 
 def _gated_formula(blk, x, q, k, v, o_heads, gates):
