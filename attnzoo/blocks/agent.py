@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from attnzoo.blocks.linear import check_layout, check_tokens, local_term, make_depthwise_conv, merge_heads
@@ -32,6 +33,7 @@ from attnzoo.kernels import attention
 __all__ = ["AgentAttention"]
 
 
+@register_notrace_module  # an FX leaf (timm's feature extraction): checks token shapes eagerly
 class AgentAttention(QKVProjection):
     """Agent attention over a token sequence or a token grid.
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from attnzoo.blocks.qkv import QKVProjection, check_block_options
@@ -143,6 +144,7 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, N, H * D)
 
 
+@register_notrace_module  # an FX leaf (timm's feature extraction): checks token shapes eagerly
 class LinearAttention(QKVProjection):
     """Multi-head linear attention over a token sequence: ``φ(q) (φ(k)ᵀ v)``, normalized, on ``linear_attention``.
 

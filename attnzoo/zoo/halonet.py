@@ -54,12 +54,14 @@ model_cfgs = dict(
         self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=4),
     ),
     # ... and one for 28 x 28 grayscale images (Fashion-MNIST): a stride-2 stem, then every halo attention runs
-    # on 14 x 14 maps (2 x 2 blocks of 7, halo 2; the last one strides its queries to 7 x 7).
+    # on 14 x 14 maps (2 x 2 blocks of 7, halo 2; the last one strides its queries to 7 x 7); a last bottleneck
+    # strides to 4 x 4, so that features_only has three levels (strides 2, 4, 8) as timm's contract asks.
     attnzoo_halonet_mini=ByoModelCfg(
         blocks=(
             ByoBlockCfg(type="bottle", d=1, c=64, s=1, gs=0, br=0.25),
             interleave_blocks(types=("bottle", "self_attn"), d=2, c=128, s=1, gs=0, br=0.25),
             ByoBlockCfg(type="self_attn", d=1, c=256, s=2, gs=0, br=0.25),
+            ByoBlockCfg(type="bottle", d=1, c=256, s=2, gs=0, br=0.25),  # a stride-8 level (4 x 4) for features
         ),
         stem_chs=32,
         stem_type="",
@@ -144,9 +146,9 @@ class HaloNet(ByobNet):
         return _checked_image(x, self.image_multiple, self._needs).contiguous(memory_format=torch.channels_last)
 
 
-# Default features_only levels: the stem and every stage that changes the stride (the mini model strides once).
+# Default features_only levels: the stem and every stage that changes the stride (the mini model: strides 2, 4, 8).
 _FEATURE_LEVELS = {"attnzoo_halonet26t": (0, 1, 2, 3, 4), "attnzoo_halonet_tiny": (0, 1, 2, 3, 4),
-                   "attnzoo_halonet_mini": (0, 1)}  # fmt: skip
+                   "attnzoo_halonet_mini": (0, 1, 2)}  # fmt: skip
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
@@ -170,7 +172,7 @@ def _cfg(**kwargs) -> dict:
 default_cfgs = default_cfgs_with_shipped({
     "attnzoo_halonet26t.untrained": _cfg(input_size=(3, 256, 256), pool_size=(8, 8), min_input_size=(3, 256, 256)),
     "attnzoo_halonet_tiny.untrained": _cfg(input_size=(3, 128, 128), pool_size=(4, 4), min_input_size=(3, 64, 64)),
-    "attnzoo_halonet_mini.untrained": _cfg(**FMNIST_CFG, pool_size=(7, 7), min_input_size=FMNIST_CFG["input_size"],
+    "attnzoo_halonet_mini.untrained": _cfg(**FMNIST_CFG, pool_size=(4, 4), min_input_size=FMNIST_CFG["input_size"],
                                            first_conv="stem.conv"),  # its plain stem: one conv
 })
 
@@ -190,5 +192,6 @@ def attnzoo_halonet_tiny(pretrained: bool = False, **kwargs) -> HaloNet:
 
 @register_model
 def attnzoo_halonet_mini(pretrained: bool = False, **kwargs) -> HaloNet:
-    """A HaloNet for 28 x 28 images (32-256 channels, block 7, halo 2, 4 heads); images: multiples of 14 px."""
+    """A HaloNet for 28 x 28 images (32-256 channels, block 7, halo 2, 4 heads; 0.32M params); images: multiples
+    of 14 px."""
     return _create_halonet("attnzoo_halonet_mini", pretrained, **kwargs)

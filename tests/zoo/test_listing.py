@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 
 from attnzoo.zoo.listing import HEADER, format_table, main, model_rows
@@ -27,3 +29,11 @@ def test_markdown_and_plain_tables(capsys):
     plain = format_table(model_rows("attnzoo_vit_small")).splitlines()
     assert plain[0].split()[:2] == ["model", "params"] and plain[1].startswith("attnzoo_vit_small ")
     assert model_rows("no_such_model*") == []
+
+
+def test_readme_model_table_is_current():
+    """The README's model table is ``python -m attnzoo.zoo.listing --markdown``'s output, kept in step."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    table = format_table(model_rows(), markdown=True).splitlines()
+    start = readme.index(table[0])
+    assert readme[start:start + len(table)] == table, "regenerate: python -m attnzoo.zoo.listing --markdown"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.models._features_fx import create_feature_extractor, get_graph_node_names
 
 import attnzoo  # noqa: F401
+from attnzoo.blocks.factory import ATTENTIONS as FACTORY_ATTENTIONS
 from attnzoo.zoo.vit import VisionTransformer
 from tests.kernels.helpers import leaf64, rel_err
 
@@ -22,7 +24,7 @@ ATTENTIONS = {
 
 def small_vit(attn: str, **kwargs) -> VisionTransformer:
     args = dict(img_size=32, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2, num_heads=2)
-    return VisionTransformer(**{**args, "attn": attn, "attn_kwargs": ATTENTIONS[attn], **kwargs})
+    return VisionTransformer(**{**args, "attn": attn, "attn_kwargs": ATTENTIONS.get(attn, {}), **kwargs})
 
 
 def _visible(attn: str, options: dict) -> torch.Tensor:
@@ -112,6 +114,18 @@ def test_model_api_per_attention(attn):
     torch.testing.assert_close(compiled(x), logits, rtol=1e-5, atol=1e-6)
     model.set_grad_checkpointing()
     torch.testing.assert_close(model(x), logits)
+
+
+@pytest.mark.parametrize("attn", list(FACTORY_ATTENTIONS))
+def test_fx_feature_extraction_per_attention(attn):
+    """timm's FX feature extraction (its battery's forward_fx test) traces the model under every attention; the
+    blocks that check shapes eagerly are FX leaves."""
+    model = small_vit(attn).eval()
+    x = torch.randn(2, 1, 32, 32)
+    _, eval_nodes = get_graph_node_names(model)
+    fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
+    out = next(iter(fx_model(x).values()))
+    torch.testing.assert_close(out, model(x))
 
 
 def test_pooling_and_classifier_reset():
