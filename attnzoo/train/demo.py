@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.fit(task, datamodule=cli.datamodule)
     train_time = time.perf_counter() - t0
     (test,) = trainer.test(task, datamodule=cli.datamodule)
-    trainer.save_checkpoint(out / "final.ckpt")
+    trainer.save_checkpoint(out / "final.ckpt", weights_only=False)  # a full checkpoint: it can resume
 
     files = save_test_images(out / "images", NUM_IMAGES)
     export_dir = export_checkpoint(out / "final.ckpt", out / "export", tag="fmnist", image=files[0][0])
