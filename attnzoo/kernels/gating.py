@@ -36,7 +36,7 @@ def check_gates(gates: torch.Tensor | None, q: torch.Tensor) -> None:
 
 def gate_output(out: torch.Tensor, gates: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """out (B, H, *grid, Dv) scaled by its gates, in out's dtype; written into ``into`` (out's shape and dtype,
-    any memory layout) when given."""
+    any memory layout; ``out`` itself gates in place) when given."""
     cdt = compute_dtype(out.dtype)
     g = gates[..., None].to(cdt)
     if out.dtype == cdt:
@@ -95,7 +95,7 @@ def row_plan(gates: torch.Tensor, max_fraction: float = 0.5) -> RowPlan | None:
 def torch_path_fwd(fwd, gates: torch.Tensor | None, *args):
     """Run a torch-path forward ``fwd(*args) -> (out, lse)`` and gate its output (every row is computed)."""
     out, lse = fwd(*args)
-    return (out, lse) if gates is None else (gate_output(out, gates), lse)
+    return (out, lse) if gates is None else (gate_output(out, gates, out), lse)  # out is fresh: gate in place
 
 
 def torch_path_bwd(bwd, gates: torch.Tensor | None, do, q, k, v, out, *args):

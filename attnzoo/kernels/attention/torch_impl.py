@@ -192,11 +192,10 @@ def gated_attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask, g
     on those rows, the rest (e.g. shared heads) whole; a causal mask ties a row to its position, so then every
     row is computed and gated. The output is laid out as ``attention_fwd``'s, whichever rows were computed.
     """
-    dst = aten_flash_out_like(q) if uses_aten_flash(q, v, score) else None
     plan = None if causal else gating.row_plan(gates)
-    if plan is None:
+    if plan is None:  # out is fresh and already in attention_fwd's layout: gate it in place
         out, lse = attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask)
-        return gating.gate_output(out, gates, dst), lse
+        return gating.gate_output(out, gates, out), lse
     B, H, N = q.shape[:3]
     qs, ks, vs = _sequences(q, H), _sequences(k, H), _sequences(v, H)
     km = None if key_mask is None else key_mask.repeat_interleave(H, 0)
@@ -208,6 +207,7 @@ def gated_attention_fwd(q, k, v, causal, scale, score, sigmoid_bias, key_mask, g
                                  sigmoid_bias, _take(km, index))
             _put(out, index, o, rows)
             _put(lse.view(B * H, N), index, l.view(len(index), -1), rows)
+    dst = aten_flash_out_like(q) if uses_aten_flash(q, v, score) else None
     return gating.gate_output(out.view(B, H, N, -1), gates, dst), lse.view(B, H, N)
 
 
