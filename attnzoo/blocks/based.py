@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.blocks.linear import check_step_token, check_tokens, merge_heads
-from attnzoo.blocks.qkv import QKVProjection, check_block_options
+from attnzoo.blocks.qkv import QKVProjection, check_block_options, heads_first
 from attnzoo.kernels import LinearState, attention, linear_attention, linear_attention_step
 from attnzoo.kernels.neighborhood import na1d
 
@@ -86,7 +86,7 @@ class BasedMixer(QKVProjection):
         """x (B, T, C) -> window q, k, v (B, H, T, D) and linear q, k (B, H_lin, T, F)."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
-        lq, lk = self.linear_qk(x).reshape(B, T, 2, self.linear_heads, self.feature_dim).permute(2, 0, 3, 1, 4)
+        lq, lk = heads_first(self.linear_qk(x).reshape(B, T, 2, self.linear_heads, self.feature_dim))
         return q, k, v, lq, lk
 
     def _linear_values(self, v: Tensor) -> Tensor:

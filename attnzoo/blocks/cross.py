@@ -19,7 +19,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from attnzoo.blocks.mlp import Mlp
-from attnzoo.blocks.qkv import check_block_options, check_heads
+from attnzoo.blocks.qkv import check_block_options, check_heads, heads_first
 from attnzoo.kernels import attention
 from attnzoo.kernels.validate import check_int
 
@@ -103,7 +103,7 @@ class CrossAttention(nn.Module):
         B, N, C = x.shape
         M = context.shape[1]
         q = self.q_norm(self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2))
-        k, v = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = heads_first(self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim))
         out = attention(q, self.k_norm(k), v, scale=self.scale, key_padding_mask=key_padding_mask,
                         backend=self.backend)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))

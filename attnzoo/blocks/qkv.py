@@ -56,14 +56,12 @@ class QKVProjection(nn.Module):
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, *S, C) -> q (B, H, *S, D), k and v (B, H_kv, *S, D); q and k normed."""
-        n = x.dim() - 2
-        heads_first = (n + 1, 0, n + 2, *range(1, n + 1), n + 3)  # (B, *S, 3|2, H, D) -> (3|2, B, H, *S, D)
         lead = x.shape[:-1]
         if self.num_kv_heads == self.num_heads:
-            q, k, v = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim).permute(heads_first)
+            q, k, v = heads_first(self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim))
         else:
             q = self.q(x).reshape(*lead, self.num_heads, self.head_dim).movedim(-2, 1)
-            k, v = self.kv(x).reshape(*lead, 2, self.num_kv_heads, self.head_dim).permute(heads_first)
+            k, v = heads_first(self.kv(x).reshape(*lead, 2, self.num_kv_heads, self.head_dim))
         return self.q_norm(q), self.k_norm(k), v
 
     def project_kv(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,5 +72,12 @@ class QKVProjection(nn.Module):
         else:
             kv = self.kv(tokens)
         B, E, _ = tokens.shape
-        k, v = kv.reshape(B, E, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = heads_first(kv.reshape(B, E, 2, self.num_kv_heads, self.head_dim))
         return self.k_norm(k), v
+
+
+def heads_first(packed: Tensor) -> tuple[Tensor, ...]:
+    """Views (B, H, *S, D) of the parts of a packed projection (B, *S, P, H, D). Unbound along P (not first
+    permuted to (P, B, H, *S, D)), so autograd stacks their gradients straight into the packed layout: one copy
+    instead of a stack and a transposing copy."""
+    return tuple(t.movedim(-2, 1) for t in packed.unbind(-3))

@@ -52,9 +52,11 @@ def _inverse(gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def ungated(do: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradient, output) of the ungated attention from those of the gated one; zero where the gate is zero.
-    The gradient is written contiguous: the torch paths' backward kernels read it so (no later copy)."""
+    The gradient is written in out's memory order, which the backward kernels read without a copy (ATen's CPU
+    flash kernel transposes a heads-major gradient to its tokens-major order; the other paths' out is
+    contiguous)."""
     cdt = compute_dtype(out.dtype)
-    do_inner = gate_output(do, gates, torch.empty(do.shape, dtype=do.dtype, device=do.device))
+    do_inner = gate_output(do, gates, torch.empty_like(out, dtype=do.dtype))
     out_inner = (out.to(cdt) * _inverse(gates, cdt)[..., None]).to(out.dtype)
     return do_inner, out_inner
 
@@ -81,7 +83,9 @@ def row_plan(gates: torch.Tensor, max_fraction: float = 0.5) -> RowPlan | None:
     shared heads) are computed whole, the others only on their active rows; None when no sequence is sparse
     (gathering would then cost more than it saves). On CPU, gathering the rows of routed heads with 2/3 of the
     rows active was slower than ATen's flash kernel over every row (``benchmarks/moh.py``), hence one half."""
-    counts = (gates != 0).reshape(-1, gates.shape[-1]).sum(-1)
+    if bool(gates.abs().amin() > 0):  # no zero gate (e.g. every routed head chosen): a quarter of the test below
+        return None
+    counts = (gates != 0).sum(-1, dtype=torch.int32).reshape(-1)
     dense = counts > max_fraction * gates.shape[-1]
     if bool(dense.all()):
         return None

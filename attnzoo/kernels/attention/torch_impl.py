@@ -121,7 +121,7 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, score, sigmoid_bias, key
     if uses_aten_flash(q, v, score):
         ke, ve = _unit_dim(_expand_kv(k, group)), _unit_dim(_expand_kv(v, group))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do.contiguous(), _unit_dim(q), ke, ve, out, lse.float() if q.dtype != torch.float64 else lse, 0.0, causal,
+            _unit_dim(do), _unit_dim(q), ke, ve, out, lse.float() if q.dtype != torch.float64 else lse, 0.0, causal,
             attn_mask=_additive_mask(key_mask, q.dtype), scale=scale)
         if group > 1:
             dk = _grouped(dk, k.shape[1]).sum(2)
