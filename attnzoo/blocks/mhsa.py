@@ -74,8 +74,9 @@ class MultiHeadSelfAttention(QKVProjection):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
-        q, k, v = self.project_qkv(x)
+        # The router reads x before the qkv projection writes 3x its size, which would evict x from the cache.
         gates = None if self.router is None else self.router(x)
+        q, k, v = self.project_qkv(x)
         out = attention(q, k, v, causal=self.causal, scale=self.scale, score=self.score, gates=gates,
                         backend=self.backend)
         out = out.transpose(1, 2).reshape(B, N, C)

@@ -63,32 +63,36 @@ class MoHRouter(nn.Module):
         linears = [m for m in (self.wg, self.wg_1, self.wg_0) if m is not None]
         weight = linears[0].weight if len(linears) == 1 else torch.cat([m.weight for m in linears])
         logits = iter(torch.mm(weight, tokens.t()).split([m.out_features for m in linears]))
-        routed = self._routed(next(logits)) if self.wg is not None else None
+        routed = F.softmax(next(logits), dim=0, dtype=torch.float32) if self.wg is not None else None
+        shared = F.softmax(next(logits), dim=0, dtype=torch.float32) if self.wg_1 is not None else None
+        # Each group's gates sum to its head count, times the two-stage weights: one scale per token and group.
+        scale_shared, scale_routed = self.shared_heads, self.top_k
+        if self.wg_0 is not None:
+            stage = F.softmax(next(logits), dim=0, dtype=torch.float32)
+            scale_shared, scale_routed = stage[:1] * (2 * self.shared_heads), stage[1:] * (2 * self.top_k)
         parts = []
         if self.shared_heads:
-            shared = tokens.new_ones(1, tokens.shape[0]) if self.wg_1 is None else (
-                F.softmax(next(logits), dim=0, dtype=torch.float32) * self.shared_heads)
-            parts.append(shared.expand(self.shared_heads, -1))
+            parts.append(shared * scale_shared if shared is not None else
+                         torch.as_tensor(scale_shared, dtype=torch.float32, device=x.device).expand(1, len(tokens)))
         if routed is not None:
-            parts.append(routed)
-        if self.wg_0 is not None:
-            stage = F.softmax(next(logits), dim=0, dtype=torch.float32) * 2
-            parts = [parts[0] * stage[:1], parts[1] * stage[1:]]
-        gates = torch.cat(parts).to(x.dtype)  # (H, B·N)
+            parts.append(self._routed(routed, scale_routed))
+        gates = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)  # (H, B·N)
         return gates.view(self.num_heads, *x.shape[:-1]).movedim(0, 1)
 
-    def _routed(self, logits: Tensor) -> Tensor:
-        """Top-k gates (E, B·N) over the routed heads from their logits (E, B·N); records the load-balance loss
-        when training."""
-        probs = F.softmax(logits, dim=0, dtype=torch.float32)
+    def _routed(self, probs: Tensor, scale: Tensor | int) -> Tensor:
+        """Gates (E, B·N) of the routed heads from their probabilities (E, B·N): the top-k renormalised, times
+        ``scale`` (k, or the routed share of the two-stage weights); records the load-balance loss when
+        training."""
         experts = probs.shape[0]
+        # With every routed head chosen the renormalisation is the identity (a softmax sums to 1).
         chosen = None if self.top_k == experts else top_k_mask(probs, self.top_k, dim=0)
-        top = probs if chosen is None else probs * chosen
-        gates = top / top.sum(0) * self.top_k
         if self.training:
             ce = probs.new_ones(experts) if chosen is None else chosen.mean(1, dtype=probs.dtype)
             self.aux_loss = self.load_balance_weight * experts**2 * (probs.mean(1) * ce).mean()
-        return gates
+        if chosen is None:
+            return probs * scale
+        top = probs * chosen
+        return top * (scale / top.sum(0))
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, shared_heads={self.shared_heads}, top_k={self.top_k}, "
@@ -96,15 +100,20 @@ class MoHRouter(nn.Module):
 
 
 def top_k_mask(probs: Tensor, k: int, dim: int = -1) -> Tensor:
-    """Mask of the k largest entries of probs along ``dim``, ties to the lower index (a stable descending sort's
-    order, on every device: topk's tie order is unspecified). Ranks by pairwise comparison: for MoH's few
-    heads, E² comparisons per token cost less than a sort and two scatters."""
+    """Mask of the k largest of the probabilities ``probs`` (float32, >= 0) along ``dim``, ties to the lower index
+    (a stable descending sort's order, on every device: topk's tie order is unspecified). Ranks by pairwise
+    comparison of unique integer keys (value, then index): for MoH's few heads, E² comparisons per token cost
+    less than a sort and two scatters, or topk."""
+    if probs.dtype != torch.float32:
+        raise ValueError(f"probs must be float32 (the router's probabilities); got {probs.dtype}")
     p = probs.movedim(dim, 0)  # (E, ...)
     experts = p.shape[0]
-    lower = torch.ones(experts, experts, dtype=torch.bool, device=p.device).tril(-1)  # [i, j]: j < i
-    lower = lower.view(experts, experts, *(1,) * (p.ndim - 1))
-    p_i, p_j = p[:, None], p[None, :]
-    rank = ((p_j > p_i) | ((p_j == p_i) & lower)).sum(1)  # heads ahead of head i
+    # Non-negative float32 bits order like the values as int32; times E plus the reversed index, no two keys
+    # tie and the lower index ranks first.
+    order = torch.arange(experts - 1, -1, -1, device=p.device).view(experts, *(1,) * (p.ndim - 1))
+    key = p.view(torch.int32).to(torch.int64) * experts + order
+    ahead = torch.gt(key[:, None], key[None]).view(torch.uint8)  # [j, i]: head j ranks before head i
+    rank = ahead.sum(0, dtype=torch.uint8 if experts <= 256 else torch.int32)
     return (rank < k).movedim(0, dim)
 
 

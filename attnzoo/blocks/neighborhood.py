@@ -121,6 +121,7 @@ class _NeighborhoodAttention(QKVProjection):
         """x: (B, *spatial, C) -> (B, *spatial, C); ``extra``: optional (B, E, C) tokens every query sees."""
         self._check_inputs(x, extra)
         B = x.shape[0]
+        gates = None if self.router is None else self.router(x)  # first: x is still cached (as in MHSA)
         # Contiguous heads-first operands: the kernels read them as flat (B*H, N, D) rows (the copy happens here
         # or inside the op anyway), and the op's fake (compile-time) output takes q's strides.
         q, k, v = (t.contiguous() for t in self.project_qkv(x))
@@ -130,7 +131,6 @@ class _NeighborhoodAttention(QKVProjection):
         extra_k, extra_v = (None, None) if tokens is None else (t.contiguous() for t in self.project_kv(tokens))
         op = _OPS[self.spatial]
         window = (self.kernel_size, self.dilation, self.stride, self.is_causal)
-        gates = None if self.router is None else self.router(x)
         out = op(q, k, v, *window, self.rpb, extra_k, extra_v, scale=self.scale, backend=self.backend, gates=gates)
         out = out.movedim(1, -2).reshape(x.shape)  # (B, H, *S, D) -> (B, *S, H*D)
         return self.proj_drop(self.proj(out))

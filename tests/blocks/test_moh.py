@@ -90,6 +90,17 @@ def test_top_k_mask_is_a_stable_sort(k):
     assert torch.equal(top_k_mask(probs.t(), k, dim=0), expect.t())  # heads-first, as the router calls it
 
 
+def test_top_k_mask_past_256_heads_and_dtype():
+    """Ranks past 255 (a wider count than for MoH's few heads) and a clear error for non-float32 input."""
+    torch.manual_seed(0)
+    probs = torch.randint(0, 50, (4, 300)).float()
+    chosen = probs.sort(dim=-1, descending=True, stable=True).indices[:, :270]
+    expect = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, chosen, True)
+    assert torch.equal(top_k_mask(probs, 270), expect)
+    with pytest.raises(ValueError, match="probs must be float32"):
+        top_k_mask(probs.double(), 2)
+
+
 def _gated_formula(blk, x, q, k, v, o_heads, gates):
     """proj(concat_h(g_h · o_h)) from every head's ungated output o_heads (B, H, *S, Dv)."""
     out = o_heads * gates[..., None]
