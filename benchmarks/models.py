@@ -1,10 +1,11 @@
 """Whole-model benchmark: each attnzoo family against its nearest timm model, timed in the same run (issue 6).
 
-CPU: images/s of an eval-mode forward (``no_grad``) at batch 8, fp32, 2 threads; parameters (M) and GMACs per
-image (``torch.utils.flop_counter`` with formulas for the attention ops it cannot see into: our custom ops and
-ATen's CPU flash attention). Where a pair shares weights (``same_weights``), timm's weights are loaded into ours
+CPU: images/s of an eval-mode forward (``no_grad``) and of a training step (train mode, cross-entropy forward
+and backward into every parameter) at batch 8, fp32, 2 threads; parameters (M) and GMACs per image
+(``torch.utils.flop_counter`` with formulas for the attention ops it cannot see into: our custom ops and ATen's CPU
+flash attention). Where a pair shares weights (``same_weights``), timm's weights are loaded into ours
 with ``attnzoo.zoo.convert`` first and the relative error of our logits against timm's is reported.
-``speed-up = ours images/s / timm images/s`` (> 1: attnzoo faster); ``goal`` is the issue's target.
+``speed-up = ours images/s / timm images/s`` (> 1: attnzoo faster); ``goal`` is the issue's target (inference).
 A new family adds a ``Pair`` to ``PAIRS`` (and ``QUICK``).
 
     python benchmarks/models.py                  # writes the "models — cpu" section of docs/benchmarks.md
@@ -22,6 +23,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from _timing import bench_interleaved, format_info, fwd_closure, machine_info, print_table, rel_err, write_rows
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -89,6 +91,17 @@ def gmacs(model: torch.nn.Module, image: torch.Tensor) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
+def train_step_closure(model: torch.nn.Module, x: torch.Tensor):
+    """One training step's compute on a batch: cross-entropy forward and backward into every parameter."""
+    target = torch.arange(len(x)) % model.num_classes
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+
+    return run
+
+
 def run_pair(pair: Pair, batch: int, warmup: int, reps: int, max_seconds: float | None) -> dict[str, Any]:
     ours = timm.create_model(pair.ours, **pair.kwargs).eval()
     peer = timm.create_model(pair.peer, **pair.kwargs).eval()
@@ -100,9 +113,13 @@ def run_pair(pair: Pair, batch: int, warmup: int, reps: int, max_seconds: float 
             err = rel_err(ours(x), peer(x))
     t = bench_interleaved({"ours": fwd_closure(ours, x), "peer": fwd_closure(peer, x)}, warmup=warmup, reps=reps,
                           device="cpu", max_seconds=max_seconds)
-    ips = {n: batch / (t[n]["median_ms"] / 1e3) for n in t}
+    ours.train(), peer.train()
+    t_train = bench_interleaved({"ours": train_step_closure(ours, x), "peer": train_step_closure(peer, x)},
+                                warmup=warmup, reps=reps, device="cpu", max_seconds=max_seconds)
+    ips, train_ips = ({n: batch / (res[n]["median_ms"] / 1e3) for n in res} for res in (t, t_train))
     return {
-        "pair": pair, "ips": ips, "err": err, "runs": t["ours"]["runs"],
+        "pair": pair, "ips": ips, "train_ips": train_ips, "err": err,
+        "runs": f"{t['ours']['runs']} / {t_train['ours']['runs']}",
         "params": [sum(p.numel() for p in m.parameters()) / 1e6 for m in (ours, peer)],
         "gmacs": [gmacs(m, x[:1]) for m in (ours, peer)],
     }
@@ -128,18 +145,24 @@ def main(argv: list[str] | None = None) -> int:
         r = run_pair(pair, args.batch, warmup=1 if args.quick else 2, reps=5 if args.quick else args.reps,
                      max_seconds=args.max_seconds)
         speedup = r["ips"]["ours"] / r["ips"]["peer"]
+        train_speedup = r["train_ips"]["ours"] / r["train_ips"]["peer"]
         print(f"  {pair.ours} {r['ips']['ours']:.1f} img/s vs {pair.peer} {r['ips']['peer']:.1f} img/s: "
-              f"{speedup:.2f}x" + (f" (logits rel err {r['err']:.1e})" if r["err"] is not None else ""))
+              f"{speedup:.2f}x; training {train_speedup:.2f}x"
+              + (f" (logits rel err {r['err']:.1e})" if r["err"] is not None else ""))
         rows.append([pair.ours, pair.peer, *r["params"], *r["gmacs"], r["ips"]["ours"], r["ips"]["peer"], speedup,
-                     pair.goal, None if pair.goal is None else speedup >= pair.goal, r["err"], r["runs"]])
+                     pair.goal, None if pair.goal is None else speedup >= pair.goal, r["train_ips"]["ours"],
+                     r["train_ips"]["peer"], train_speedup, r["err"], r["runs"]])
     header = ["attnzoo model", "timm model", "ours params (M)", "timm params (M)", "ours GMACs", "timm GMACs",
-              "ours img/s", "timm img/s", "speed-up", "goal", "met", "logits rel err (same weights)", "runs"]
+              "ours img/s", "timm img/s", "speed-up", "goal", "met", "ours train img/s", "timm train img/s",
+              "train speed-up", "logits rel err (same weights)", "runs (eval / train)"]
     print()
     print_table(header, rows)
     print(f"total {time.perf_counter() - t0:.0f}s")
     if not args.no_write:
-        notes = (f"fp32, batch {args.batch}, {args.threads} threads, eval forward under `no_grad`; img/s from the "
-                 "median of interleaved rounds. **speed-up = ours img/s / timm img/s** (> 1: attnzoo faster). "
+        notes = (f"fp32, batch {args.batch}, {args.threads} threads; img/s from the median of interleaved rounds "
+                 "of an eval forward under `no_grad` and of a training step (train mode, cross-entropy forward and "
+                 "backward into every parameter; the goal is for inference). **speed-up = ours img/s / timm img/s** "
+                 "(> 1: attnzoo faster). "
                  "GMACs per image from `torch.utils.flop_counter` (attention ops by formula). Same-weight pairs load "
                  "timm's weights into ours (`attnzoo.zoo.convert`); rel err = ‖ours − timm‖ / ‖timm‖ of the logits."
                  " Where the time differs: the ViT/DaViT/CrossViT pairs run the same ATen kernels (attention: ATen's "

@@ -66,16 +66,16 @@ __all__ = ["DaVit", "DaVitBlock", "WindowAttention2d", "davit_rules"]
 SPATIAL = ("window", "na")
 
 
-def _window_index(length: int, window: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """One axis of ``WindowAttention2d``: ``gather`` (n·window,) the positions each of the n = ceil(length / window)
-    windows covers (the last one shifted inward to end at ``length``) and ``scatter`` (length,) the slot of each
-    position's output among them (its own window's)."""
+def _window_index(length: int, window: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """One axis of ``WindowAttention2d``: ``gather`` (n, window), the positions each of the n = ceil(length / window)
+    windows covers (the last one shifted inward to end at ``length``), and for each position (length,) its own
+    window and its slot in it (where its output is read)."""
     n = -(-length // window)
     starts = torch.clamp_max(torch.arange(n, device=device) * window, length - window)
-    gather = (starts[:, None] + torch.arange(window, device=device)).flatten()
+    gather = starts[:, None] + torch.arange(window, device=device)
     pos = torch.arange(length, device=device)
     own = pos // window
-    return gather, own * window + pos - starts[own]
+    return gather, own, pos - starts[own]
 
 
 @register_notrace_module  # an FX leaf: the window indices depend on the map size
@@ -129,20 +129,21 @@ class WindowAttention2d(QKVProjection):
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, H, W, C={self.dim}) (channels last); got {tuple(x.shape)}")
         B, H, W, C = x.shape
-        (kh, kw), heads = self.window_size, self.num_heads
+        kh, kw = self.window_size
         if kh > H or kw > W:  # windows never pad: the map must hold one
             raise ValueError(f"a {H}x{W} map is smaller than window_size={self.window_size}; accepted maps: "
                              f"height >= {kh}, width >= {kw}")
-        (gather_h, scatter_h), (gather_w, scatter_w) = (_window_index(n, k, x.device) for n, k in ((H, kh), (W, kw)))
-        nh, nw = gather_h.numel() // kh, gather_w.numel() // kw
-        windows = []
-        for t in self.project_qkv(x):  # (B, heads, H, W, D) -> (B·nh·nw, heads, kh·kw, D)
-            t = t.index_select(2, gather_h).index_select(3, gather_w).unflatten(3, (nw, kw)).unflatten(2, (nh, kh))
-            windows.append(t.permute(0, 2, 4, 1, 3, 5, 6).reshape(B * nh * nw, heads, kh * kw, self.head_dim))
-        out = attention(*windows, scale=self.scale, backend=self.backend)
-        out = out.reshape(B, nh, nw, heads, kh, kw, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(B, nh * kh, nw * kw, C).index_select(1, scatter_h).index_select(2, scatter_w)
-        return self.proj_drop(self.proj(out))
+        (gather_h, own_h, slot_h), (gather_w, own_w, slot_w) = (
+            _window_index(n, k, x.device) for n, k in ((H, kh), (W, kw)))
+        nh, nw = len(gather_h), len(gather_w)
+        # Window the C-wide input once, project the windows' tokens (q/k/v, proj act per token), un-window the
+        # C-wide output once: no per-tensor window copies of q, k, v and out.
+        windows = x[:, gather_h[:, None, :, None], gather_w[None, :, None, :]]  # (B, nh, nw, kh, kw, C)
+        q, k, v = self.project_qkv(windows.reshape(B * nh * nw, kh * kw, C))
+        out = attention(q, k, v, scale=self.scale, backend=self.backend)  # (B·nh·nw, heads, kh·kw, D)
+        out = self.proj(out.transpose(1, 2).reshape(B, nh, nw, kh, kw, C))
+        out = out[:, own_h[:, None], own_w[None, :], slot_h[:, None], slot_w[None, :]]  # (B, H, W, C)
+        return self.proj_drop(out)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, window_size={self.window_size}, backend={self.backend!r}"
