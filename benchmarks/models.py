@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +127,21 @@ def run_pair(pair: Pair, batch: int, warmup: int, reps: int, max_seconds: float 
     }
 
 
+def _run_isolated(pair: Pair, batch: int, warmup: int, reps: int, max_seconds: float | None,
+                  threads: int) -> dict[str, Any]:
+    """``run_pair`` in a fresh process: the allocator's state left by earlier pairs (a heap grown by other
+    models' buffers spares later ones page faults) would otherwise favour whichever model runs later."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_worker, pair, batch, warmup, reps, max_seconds, threads).result()
+
+
+def _worker(pair: Pair, batch: int, warmup: int, reps: int, max_seconds: float | None,
+            threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return run_pair(pair, batch, warmup, reps, max_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -142,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = []
     for pair in QUICK if args.quick else PAIRS:
-        r = run_pair(pair, args.batch, warmup=1 if args.quick else 2, reps=5 if args.quick else args.reps,
-                     max_seconds=args.max_seconds)
+        r = _run_isolated(pair, args.batch, 1 if args.quick else 2, 5 if args.quick else args.reps, args.max_seconds,
+                          args.threads)
         speedup = r["ips"]["ours"] / r["ips"]["peer"]
         train_speedup = r["train_ips"]["ours"] / r["train_ips"]["peer"]
         print(f"  {pair.ours} {r['ips']['ours']:.1f} img/s vs {pair.peer} {r['ips']['peer']:.1f} img/s: "
@@ -162,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         notes = (f"fp32, batch {args.batch}, {args.threads} threads; img/s from the median of interleaved rounds "
                  "of an eval forward under `no_grad` and of a training step (train mode, cross-entropy forward and "
                  "backward into every parameter; the goal is for inference). **speed-up = ours img/s / timm img/s** "
-                 "(> 1: attnzoo faster). "
+                 "(> 1: attnzoo faster). Each pair runs in a fresh process (no allocator state carried over from "
+                 "the pairs before it). "
                  "GMACs per image from `torch.utils.flop_counter` (attention ops by formula). Same-weight pairs load "
                  "timm's weights into ours (`attnzoo.zoo.convert`); rel err = ‖ours − timm‖ / ‖timm‖ of the logits."
                  " Where the time differs: the ViT/DaViT/CrossViT pairs run the same ATen kernels (attention: ATen's "

@@ -83,7 +83,7 @@ def row_plan(gates: torch.Tensor, max_fraction: float = 0.5) -> RowPlan | None:
     shared heads) are computed whole, the others only on their active rows; None when no sequence is sparse
     (gathering would then cost more than it saves). On CPU, gathering the rows of routed heads with 2/3 of the
     rows active was slower than ATen's flash kernel over every row (``benchmarks/moh.py``), hence one half."""
-    if bool(gates.abs().amin() > 0):  # no zero gate (e.g. every routed head chosen): a quarter of the test below
+    if bool(gates.abs().amin() > 0):  # no zero gate (e.g. every routed head chosen): one reduction, no counts
         return None
     counts = (gates != 0).sum(-1, dtype=torch.int32).reshape(-1)
     dense = counts > max_fraction * gates.shape[-1]
