@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                  "timm's weights into ours (`attnzoo.zoo.convert`); rel err = ‖ours − timm‖ / ‖timm‖ of the logits."
                  " Where the time differs: the ViT/DaViT/CrossViT pairs run the same ATen kernels (attention: ATen's "
                  "CPU flash kernel), except that the zoo's MLP applies its GELU in place on fc1's output in inference "
-                 "(no second hidden buffer to allocate and fault in: a large gain at ViT-S's 1536-wide hidden layer, "
-                 "none at ViT-T's 768); HaloNet runs channels-last with each BatchNorm folded into its conv.")
+                 "(no second hidden buffer to allocate and fault in; how much that saves depends on the allocator's "
+                 "state, most in a fresh process), and DaViT's window attention windows its C-wide input and output "
+                 "once each (not q, k, v and out); HaloNet runs channels-last with each BatchNorm folded into its "
+                 "conv. Training runs timm's MLP unchanged.")
         if args.quick:
             notes += " **--quick smoke-test models, not a measurement.**"
         section = "models — cpu" + (" (quick)" if args.quick else "")
