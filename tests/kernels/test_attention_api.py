@@ -199,3 +199,24 @@ def test_strided_head_dim_on_the_cpu_fast_path():
     dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
     expect_grads = torch.autograd.grad(attention(*dense).sum(), dense)
     assert all(rel_err(g, e) < 1e-5 for g, e in zip(grads, expect_grads, strict=True))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("layout", ["tokens-major", "heads-major", "broadcast", "strided head dim"])
+def test_output_gradient_in_any_layout(layout, gated):
+    """The CPU fast path hands ATen the output gradient as it comes (ATen reads it tokens-major): every layout
+    autograd can deliver gives the gradients of the same gradient materialized contiguous."""
+    B, N, H, D = 2, 9, 3, 8
+    packed = torch.randn(B, N, 3, H, D)
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in packed.unbind(2))
+    gates = torch.rand(B, H, N) + 0.5 if gated else None
+    do = {
+        "tokens-major": torch.randn(B, N, H, D).transpose(1, 2),
+        "heads-major": torch.randn(B, H, N, D),
+        "broadcast": torch.randn(D).expand(B, H, N, D),
+        "strided head dim": torch.randn(B, H, N, 2 * D)[..., ::2],
+    }[layout]
+    out = attention(q, k, v, gates=gates, backend="torch")
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    expect = torch.autograd.grad(attention(q, k, v, gates=gates, backend="torch"), (q, k, v), do.contiguous())
+    assert all(rel_err(g, e) < 1e-6 for g, e in zip(grads, expect, strict=True))
