@@ -61,6 +61,8 @@ class MoHRouter(nn.Module):
         # Heads-first logits (G, B·N) from one GEMM for the (at most three) gate projections: a softmax over a
         # few heads is then vectorised along the tokens, several times faster than over rows of 2-12 heads.
         linears = [m for m in (self.wg, self.wg_1, self.wg_0) if m is not None]
+        if not linears:  # one shared head and nothing routed: its gate is 1
+            return x.new_ones(x.shape[0], self.num_heads, *x.shape[1:-1])
         weight = linears[0].weight if len(linears) == 1 else torch.cat([m.weight for m in linears])
         logits = iter(torch.mm(weight, tokens.t()).split([m.out_features for m in linears]))
         routed = F.softmax(next(logits), dim=0, dtype=torch.float32) if self.wg is not None else None

@@ -34,7 +34,7 @@ def router_formula(router: MoHRouter, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(columns, -1)
 
 
-@pytest.mark.parametrize(("heads", "shared", "top_k"), [(12, 6, 4), (8, 1, 3), (6, 0, 2), (4, 4, 0)])
+@pytest.mark.parametrize(("heads", "shared", "top_k"), [(12, 6, 4), (8, 1, 3), (6, 0, 2), (4, 4, 0), (1, 1, 0)])
 def test_router_matches_reference_formula(heads, shared, top_k):
     router = MoHRouter(32, heads, shared, top_k).train()
     x = torch.randn(2, 5, 32)
