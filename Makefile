@@ -52,8 +52,10 @@ checkpoints: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/attention.py
+bench: $(STAMP)  # every benchmark in turn (each writes its sections of docs/benchmarks.md)
+	for script in attention local linear moh models checkpoints; do \
+		$(BIN)/python benchmarks/$$script.py || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
