@@ -9,7 +9,7 @@ from attnzoo.blocks import MultiHeadSelfAttention, NeighborhoodAttention2d
 
 
 def _packed_output(module):
-    """Run ``module`` with a forward hook that keeps its output."""
+    """A forward hook on ``module`` that keeps its outputs: (the list they go to, the hook handle)."""
     kept = []
     handle = module.register_forward_hook(lambda m, args, out: kept.append(out))
     return kept, handle
