@@ -105,6 +105,7 @@ def train_step_closure(model: torch.nn.Module, x: torch.Tensor):
 
 
 def run_pair(pair: Pair, batch: int, warmup: int, reps: int, max_seconds: float | None) -> dict[str, Any]:
+    torch.manual_seed(0)
     ours = timm.create_model(pair.ours, **pair.kwargs).eval()
     peer = timm.create_model(pair.peer, **pair.kwargs).eval()
     x = torch.randn(batch, *(pair.input_size or ours.pretrained_cfg["input_size"]))
@@ -131,15 +132,9 @@ def _run_isolated(pair: Pair, batch: int, warmup: int, reps: int, max_seconds: f
                   threads: int) -> dict[str, Any]:
     """``run_pair`` in a fresh process: the allocator's state left by earlier pairs (a heap grown by other
     models' buffers spares later ones page faults) would otherwise favour whichever model runs later."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_worker, pair, batch, warmup, reps, max_seconds, threads).result()
-
-
-def _worker(pair: Pair, batch: int, warmup: int, reps: int, max_seconds: float | None,
-            threads: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    return run_pair(pair, batch, warmup, reps, max_seconds)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return pool.submit(run_pair, pair, batch, warmup, reps, max_seconds).result()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)  # for the machine info: the pairs run in processes of their own
     info = machine_info("cpu")
     print(f"models benchmark on cpu, fp32, batch {args.batch}\n  {format_info(info)}")
     t0 = time.perf_counter()

@@ -74,8 +74,8 @@ class MoHRouter(nn.Module):
             scale_shared, scale_routed = stage[:1] * (2 * self.shared_heads), stage[1:] * (2 * self.top_k)
         parts = []
         if self.shared_heads:
-            parts.append(shared * scale_shared if shared is not None else
-                         torch.as_tensor(scale_shared, dtype=torch.float32, device=x.device).expand(1, len(tokens)))
+            # One shared head (here always beside routed ones) has no wg_1: its gate is its stage weight.
+            parts.append(scale_shared if shared is None else shared * scale_shared)
         if routed is not None:
             parts.append(self._routed(routed, scale_routed))
         gates = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)  # (H, B·N)
